@@ -1,0 +1,357 @@
+"""The jobs' configuration: YAML files plus command-line overrides, loaded into frozen dataclasses.
+
+``conf/base.yaml`` holds every default; an environment file (``conf/local.yaml``,
+``conf/cluster.yaml``, ``conf/databricks.yaml``) overrides some of them, and
+``--set section.key=value`` overrides win over both. Anything unknown or out of
+range is refused at start with one :class:`ConfigError` naming the key and what is
+allowed. docs/configuration.md lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+BASE_FILE = CONF_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constraint on a numeric value, with the wording used in errors."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def accepts(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"<= {self.high}"
+
+
+def _checked(default: Any, check: Check) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+POSITIVE = Check(low=0, low_open=True)
+NON_NEGATIVE = Check(low=0)
+UNIT_INTERVAL = Check(low=0, high=1)
+AT_LEAST_ONE = Check(low=1)
+
+
+@dataclass(frozen=True)
+class RandomEffectConfig:
+    """One random-effect type: a linear model per entity of ``entity_column`` on ``feature_bag``."""
+
+    name: str
+    entity_column: str
+    feature_bag: str
+    penalty: float = _checked(1.0, NON_NEGATIVE)
+    delta: float = _checked(0.8, UNIT_INTERVAL)
+    max_rows_per_entity: int = _checked(1000, AT_LEAST_ONE)
+    min_rows: int = _checked(1, AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class FixedEffectConfig:
+    """The global model: trained nightly on ``feature_bag``, or an outside model's score in ``score_column``."""
+
+    source: Literal["train", "score_column"] = "train"
+    feature_bag: str = "global"
+    score_column: str = "fixed_effect_score"
+    penalty: float = _checked(1.0, NON_NEGATIVE)
+    elastic_net: float = _checked(0.0, UNIT_INTERVAL)
+    max_iterations: int = _checked(100, AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    task: Literal["logistic", "linear"] = "logistic"
+    fixed_effect: FixedEffectConfig = FixedEffectConfig()
+    random_effects: tuple[RandomEffectConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """``master: null`` uses the session the cluster (or Databricks) already has."""
+
+    master: str | None = "local[2]"
+    app_name: str = "lambda-learner"
+    shuffle_partitions: int = _checked(4, AT_LEAST_ONE)
+    conf: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where the Delta tables live; ``auto`` picks Spark's Delta when its jar is on the classpath."""
+
+    backend: Literal["auto", "delta-rs", "spark-delta"] = "auto"
+    root: str = "var/tables"
+    storage_options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The nearline job's source; ``options`` go to ``readStream`` as they are."""
+
+    source: Literal["files", "kafka", "autoloader", "delta"] = "files"
+    path: str = "var/landing"
+    format: Literal["json", "parquet"] = "json"
+    options: Mapping[str, str] = field(default_factory=dict)
+    trigger: Literal["available_now", "processing_time"] = "processing_time"
+    processing_time: str = "1 minute"
+    checkpoint: str = "var/checkpoints/nearline"
+    max_files_per_trigger: int | None = _checked(None, AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class NearlineConfig:
+    app_id: str = "lambda-learner-nearline"
+    entity_buckets: int = _checked(64, AT_LEAST_ONE)
+    one_entity_per_call: bool = False
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    app_id: str = "lambda-learner-nightly"
+    window_days: float = _checked(7.0, POSITIVE)
+    holdout_hours: float = _checked(6.0, NON_NEGATIVE)
+    passes: int = _checked(2, AT_LEAST_ONE)
+    entity_buckets: int = _checked(64, AT_LEAST_ONE)
+    one_entity_per_call: bool = False
+    auc_tolerance: float = _checked(0.005, NON_NEGATIVE)
+    loss_tolerance: float = _checked(0.01, NON_NEGATIVE)
+    force_publish: bool = False
+    seed: int = 17
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    spark: SparkConfig = SparkConfig()
+    storage: StorageConfig = StorageConfig()
+    stream: StreamConfig = StreamConfig()
+    nearline: NearlineConfig = NearlineConfig()
+    nightly: NightlyConfig = NightlyConfig()
+
+    def random_effect(self, name: str) -> RandomEffectConfig:
+        for random_effect in self.model.random_effects:
+            if random_effect.name == name:
+                return random_effect
+        raise KeyError(name)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """``conf/base.yaml``, then ``path`` over it, then ``key.path=value`` overrides."""
+    tree = _read_yaml(BASE_FILE)
+    if path is not None and Path(path).resolve() != BASE_FILE:
+        tree = _merge(tree, _read_yaml(Path(path)))
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        tree = _merge(tree, _nested(_override_path(key.split(".")), yaml.safe_load(raw) if raw else None, tree))
+    config = build(Config, tree, "")
+    _check_consistency(config)
+    return config
+
+
+def config_to_dict(config: Any) -> Any:
+    """The configuration as plain YAML-able values (for logging a run's settings)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple):
+        return [config_to_dict(item) for item in config]
+    if isinstance(config, Mapping):
+        return dict(config)
+    return config
+
+
+def build(kind: Any, value: Any, key: str) -> Any:
+    """``value`` (parsed YAML) as an instance of ``kind``, or a ConfigError naming ``key``."""
+    if dataclasses.is_dataclass(kind):
+        return _build_dataclass(kind, value, key)
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        (inner,) = [argument for argument in arguments if argument is not type(None)]
+        return build(inner, value, key)
+    if origin is Literal:
+        if value not in arguments:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(str, arguments))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list; got {value!r}")
+        return tuple(build(arguments[0], item, f"{key}[{index}]") for index, item in enumerate(value))
+    if origin is Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping of names to strings; got {value!r}")
+        return {str(name): _scalar_text(item) for name, item in value.items()}
+    return _build_scalar(kind, value, key)
+
+
+def _build_dataclass(kind: Any, value: Any, key: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {key or '<root>'!r} must be a mapping; got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        where = f"under {key!r}" if key else "at the top level"
+        raise ConfigError(
+            f"config key {_join(key, unknown[0])!r} is not known; known keys {where}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(kind)
+    arguments = {}
+    for name, spec in fields.items():
+        if name not in value:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"config key {_join(key, name)!r} is required")
+            continue
+        built = build(hints[name], value[name], _join(key, name))
+        check = spec.metadata.get("check")
+        if check is not None and built is not None and not check.accepts(built):
+            raise ConfigError(f"config key {_join(key, name)!r} must be {check.describe()}; got {built!r}")
+        arguments[name] = built
+    return kind(**arguments)
+
+
+def _build_scalar(kind: type, value: Any, key: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false; got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be a whole number; got {value!r}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r} must be a number; got {value!r}")
+    if kind is str:
+        if isinstance(value, str) and value:
+            return value
+        raise ConfigError(f"config key {key!r} must be a non-empty string; got {value!r}")
+    raise TypeError(f"no rule to build {kind}")
+
+
+def _check_consistency(config: Config) -> None:
+    """Rules that span keys."""
+    random_effects = config.model.random_effects
+    for attribute in ("name", "entity_column"):
+        seen: set[str] = set()
+        for index, random_effect in enumerate(random_effects):
+            value = getattr(random_effect, attribute)
+            if value in seen:
+                raise ConfigError(
+                    f"config key 'model.random_effects[{index}].{attribute}' repeats {value!r}; each must be unique"
+                )
+            seen.add(value)
+    if config.model.task == "logistic" and config.model.fixed_effect.elastic_net > 0:
+        raise ConfigError(
+            "config key 'model.fixed_effect.elastic_net' must be 0 for task logistic (elastic net is offered for linear)"
+        )
+    if config.stream.source == "kafka" and "kafka.bootstrap.servers" not in config.stream.options:
+        raise ConfigError("config key 'stream.options' must set kafka.bootstrap.servers when stream.source is kafka")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return loaded
+
+
+def _merge(base: Any, overlay: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) is replaced."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = _merge(base.get(key), value) if key in base else value
+        return merged
+    return overlay
+
+
+def _override_path(parts: list[str]) -> list[str]:
+    """The override's key split along the settings tree: a mapping's own keys may contain dots."""
+    kind: Any = Config
+    for position, part in enumerate(parts):
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(argument for argument in typing.get_args(kind) if argument is not type(None))
+        if dataclasses.is_dataclass(kind):
+            kind = typing.get_type_hints(kind).get(part)
+        elif typing.get_origin(kind) is tuple:
+            kind = typing.get_args(kind)[0]
+        elif typing.get_origin(kind) is Mapping:
+            return [*parts[:position], ".".join(parts[position:])]
+        else:
+            break
+    return parts
+
+
+def _nested(path: list[str], value: Any, tree: Any) -> Any:
+    """An overlay setting ``path`` to ``value``; list items are addressed by index or by their ``name``."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    current = tree.get(head) if isinstance(tree, dict) else None
+    if isinstance(current, list):
+        index = _list_index(current, head, rest)
+        items = list(current)
+        items[index] = _merge(items[index], _nested(rest[1:], value, items[index]))
+        return {head: items}
+    return {head: _nested(rest, value, current)}
+
+
+def _list_index(items: list, head: str, rest: list[str]) -> int:
+    if not rest:
+        raise ConfigError(f"override of {head!r} must name an item: {head}.<index or name>.<key>=value")
+    selector = rest[0]
+    if selector.isdigit() and int(selector) < len(items):
+        return int(selector)
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == selector:
+            return index
+    raise ConfigError(f"config key {head!r} has no item {selector!r}")
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name

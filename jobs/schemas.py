@@ -1,0 +1,143 @@
+"""The tables' schemas (docs/tables.md), in one place.
+
+Coefficients are name-term-value, as in the original library and Photon-ML's model
+format, so a notebook reads a model with plain SQL.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql.types import (
+    ArrayType,
+    DoubleType,
+    LongType,
+    MapType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from jobs.config import ModelConfig
+
+FEATURE = StructType(
+    [
+        StructField("name", StringType()),
+        StructField("term", StringType()),
+        StructField("value", DoubleType()),
+    ]
+)
+FEATURES = ArrayType(FEATURE)
+
+COEFFICIENT = StructType(
+    [
+        StructField("name", StringType()),
+        StructField("term", StringType()),
+        StructField("mean", DoubleType()),
+        StructField("variance", DoubleType()),
+    ]
+)
+COEFFICIENTS = ArrayType(COEFFICIENT)
+
+QUARANTINE = StructType(
+    [
+        StructField("batch_id", LongType(), False),
+        StructField("payload", StringType()),
+        StructField("reason", StringType(), False),
+        StructField("quarantined_at", TimestampType()),
+    ]
+)
+
+FIXED_EFFECT = StructType(
+    [
+        StructField("generation", LongType(), False),
+        StructField("name", StringType(), False),
+        StructField("term", StringType(), False),
+        StructField("mean", DoubleType()),
+        StructField("variance", DoubleType()),
+        StructField("cutoff_batch_id", LongType()),
+        StructField("trained_at", TimestampType()),
+    ]
+)
+
+RE_PRIORS = StructType(
+    [
+        StructField("re_type", StringType(), False),
+        StructField("entity_id", StringType(), False),
+        StructField("generation", LongType(), False),
+        StructField("cutoff_batch_id", LongType()),
+        StructField("coefficients", COEFFICIENTS),
+        StructField("rows", LongType()),
+        StructField("trained_at", TimestampType()),
+    ]
+)
+
+RE_STATE = StructType(
+    [
+        StructField("re_type", StringType(), False),
+        StructField("entity_id", StringType(), False),
+        StructField("generation", LongType()),
+        StructField("coefficients", COEFFICIENTS),
+        StructField("last_batch_id", LongType()),
+        StructField("updates", LongType()),
+        StructField("rows", LongType()),
+        StructField("updated_at", TimestampType()),
+    ]
+)
+
+METRICS = StructType(
+    [
+        StructField("job", StringType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("batch_id", LongType()),
+        StructField("generation", LongType()),
+        StructField("status", StringType()),
+        StructField("values", MapType(StringType(), DoubleType())),
+        StructField("note", StringType()),
+        StructField("recorded_at", TimestampType()),
+    ]
+)
+
+# The fixed-effect coefficient that stands for an outside model's score (source: score_column).
+SCORE_COEFFICIENT = ("__score__", "")
+
+
+def bag_column(bag: str) -> str:
+    """The events-table column holding feature bag ``bag``."""
+    return f"features_{bag}"
+
+
+def feature_bags(model: ModelConfig) -> list[str]:
+    """Every bag the model reads, fixed effect first, without repeats."""
+    bags = [model.fixed_effect.feature_bag] + [r.feature_bag for r in model.random_effects]
+    return list(dict.fromkeys(bags))
+
+
+def events_schema(model: ModelConfig) -> StructType:
+    """Valid events as stored: the parsed fields, one column per feature bag, the ingesting batch."""
+    fields = [
+        StructField("event_id", StringType(), False),
+        StructField("event_time", TimestampType(), False),
+        StructField("label", DoubleType(), False),
+        StructField("weight", DoubleType(), False),
+    ]
+    fields += [StructField(r.entity_column, StringType(), False) for r in model.random_effects]
+    if model.fixed_effect.source == "score_column":
+        fields.append(StructField(model.fixed_effect.score_column, DoubleType(), False))
+    fields += [StructField(bag_column(bag), FEATURES) for bag in feature_bags(model)]
+    fields += [
+        StructField("batch_id", LongType(), False),
+        StructField("ingested_at", TimestampType()),
+    ]
+    return StructType(fields)
+
+
+def table_schemas(model: ModelConfig) -> dict[str, StructType]:
+    """Every table of the system by name."""
+    return {
+        "events": events_schema(model),
+        "quarantine": QUARANTINE,
+        "fixed_effect": FIXED_EFFECT,
+        "re_priors": RE_PRIORS,
+        "re_state": RE_STATE,
+        "metrics": METRICS,
+    }

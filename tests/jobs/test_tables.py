@@ -1,0 +1,357 @@
+"""The table store's contract, run against both adapters on real local Spark and real Delta tables."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import (
+    ArrayType,
+    BooleanType,
+    DoubleType,
+    IntegerType,
+    LongType,
+    MapType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from jobs.config import ConfigError, StorageConfig
+from jobs.spark import delta_available
+from jobs.tables import DELTA_JAR_MISSING, DeltaRsStore, Guard, SparkDeltaStore, TableStore, open_store
+
+SCORES = StructType(
+    [
+        StructField("entity_id", StringType(), nullable=False),
+        StructField("batch_id", LongType()),
+        StructField("score", DoubleType()),
+    ]
+)
+
+COEFFICIENTS = ArrayType(
+    StructType(
+        [
+            StructField("name", StringType()),
+            StructField("term", StringType()),
+            StructField("mean", DoubleType()),
+            StructField("variance", DoubleType()),
+        ]
+    )
+)
+FEATURES = ArrayType(
+    StructType(
+        [StructField("name", StringType()), StructField("term", StringType()), StructField("value", DoubleType())]
+    )
+)
+# Every column type the jobs' tables use.
+STATE = StructType(
+    [
+        StructField("entity_type", StringType(), nullable=False),
+        StructField("entity_id", StringType(), nullable=False),
+        StructField("generation", LongType()),
+        StructField("rows", IntegerType()),
+        StructField("offset", DoubleType()),
+        StructField("active", BooleanType()),
+        StructField("updated_at", TimestampType()),
+        StructField("coefficients", COEFFICIENTS),
+        StructField("features", FEATURES),
+        StructField("metrics", MapType(StringType(), DoubleType())),
+    ]
+)
+
+STANDARD_ACTIONS = {"commitInfo", "protocol", "metaData", "add", "remove", "txn", "cdc", "domainMetadata"}
+COMMIT_FILE = re.compile(r"\d{20}\.json")
+OPERATIONS = ["append", "overwrite", "merge"]
+
+
+def scores(spark: SparkSession, *rows: tuple[str, int, float]) -> DataFrame:
+    return spark.createDataFrame(list(rows), SCORES)
+
+
+def content(frame: DataFrame) -> list[tuple]:
+    return sorted(tuple(row) for row in frame.collect())
+
+
+def write(store: TableStore, operation: str, name: str, frame: DataFrame, guard: Guard | None = None) -> bool:
+    """One of the three writes; merge upserts on entity_id."""
+    if operation == "merge":
+        return store.merge(name, frame, ["entity_id"], guard=guard)
+    return getattr(store, operation)(name, frame, guard=guard)
+
+
+def delta_log(store: TableStore, name: str) -> list[list[dict]]:
+    """The table's commits, each as its list of actions (a local table)."""
+    folder = Path(store.path(name)) / "_delta_log"
+    commits = sorted(path for path in folder.iterdir() if COMMIT_FILE.fullmatch(path.name))
+    assert [int(path.stem) for path in commits] == list(range(len(commits)))
+    return [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in commits]
+
+
+def actions(commit: list[dict], kind: str) -> list[dict]:
+    return [action[kind] for action in commit if kind in action]
+
+
+class TableStoreContract:
+    """What every adapter does; subclasses provide ``store`` on a fresh root."""
+
+    @pytest.fixture
+    def store(self) -> TableStore:
+        raise NotImplementedError
+
+    def test_create_is_idempotent(self, store):
+        assert not store.exists("scores")
+        store.create("scores", SCORES)
+        store.create("scores", SCORES)
+        assert store.exists("scores")
+        assert store.version("scores") == 0
+        assert store.schema("scores") == SCORES
+        assert content(store.read("scores")) == []
+
+    def test_create_refuses_another_schema(self, store):
+        store.create("scores", SCORES)
+        retyped = StructType([*SCORES.fields[:2], StructField("score", StringType())])
+        with pytest.raises(ValueError, match=r"'scores'.*'score' is double in the table, string here"):
+            store.create("scores", retyped)
+        widened = StructType([*SCORES.fields, StructField("weight", DoubleType())])
+        with pytest.raises(ValueError, match=r"'scores'.*'weight'"):
+            store.create("scores", widened)
+        with pytest.raises(ValueError, match=r"'scores'.*'score'"):
+            store.create("scores", StructType(SCORES.fields[:2]))
+        relaxed = StructType([StructField(field.name, field.dataType, nullable=True) for field in SCORES.fields])
+        store.create("scores", relaxed)  # nullability is not part of the comparison
+        assert store.version("scores") == 0
+
+    def test_tables_have_no_deletion_vectors_and_no_column_mapping(self, store):
+        store.create("scores", SCORES, properties={"delta.logRetentionDuration": "interval 60 days"})
+        (metadata,) = actions(delta_log(store, "scores")[0], "metaData")
+        assert metadata["configuration"]["delta.enableDeletionVectors"] == "false"
+        assert metadata["configuration"]["delta.columnMapping.mode"] == "none"
+        assert metadata["configuration"]["delta.logRetentionDuration"] == "interval 60 days"
+        (protocol,) = actions(delta_log(store, "scores")[0], "protocol")
+        features = set(protocol.get("readerFeatures") or []) | set(protocol.get("writerFeatures") or [])
+        assert not features & {"deletionVectors", "columnMapping"}
+        with pytest.raises(ValueError, match=r"delta\.enableDeletionVectors"):
+            store.create("other", SCORES, properties={"delta.enableDeletionVectors": "true"})
+        assert not store.exists("other")
+
+    def test_writes_and_spark_reads_see_exactly_the_current_snapshot(self, store, spark):
+        store.create("scores", SCORES)
+        assert store.append("scores", scores(spark, ("a", 1, 0.1), ("b", 1, 0.2)))
+        assert store.append("scores", scores(spark, ("c", 2, 0.3)))
+        assert content(store.read("scores")) == [("a", 1, 0.1), ("b", 1, 0.2), ("c", 2, 0.3)]
+
+        assert store.overwrite("scores", scores(spark, ("b", 3, 2.0), ("d", 3, 4.0)))
+        assert content(store.read("scores")) == [("b", 3, 2.0), ("d", 3, 4.0)]
+
+        assert store.merge("scores", scores(spark, ("d", 4, 40.0), ("e", 4, 50.0)), ["entity_id"])
+        current = store.read("scores")
+        assert content(current) == [("b", 3, 2.0), ("d", 4, 40.0), ("e", 4, 50.0)]
+        # The folder still holds the files the overwrite and the merge removed: the read must skip them.
+        on_disk = {path.name for path in Path(store.path("scores")).glob("*.parquet")}
+        read = {Path(uri).name for uri in current.inputFiles()}
+        assert read < on_disk
+
+    def test_overwrite_where_replaces_only_the_matching_rows(self, store, spark):
+        store.create("scores", SCORES)
+        store.append("scores", scores(spark, ("a", 1, 0.1), ("b", 2, 0.2), ("c", 2, 0.3)))
+        guard = Guard("nightly", 2)
+        assert store.overwrite("scores", scores(spark, ("d", 2, 4.0)), guard=guard, where="batch_id = 2")
+        assert content(store.read("scores")) == [("a", 1, 0.1), ("d", 2, 4.0)]
+        assert not store.overwrite("scores", scores(spark, ("e", 2, 5.0)), guard=guard, where="batch_id = 2")
+        assert content(store.read("scores")) == [("a", 1, 0.1), ("d", 2, 4.0)]
+
+    def test_merge_matches_on_all_keys(self, store, spark):
+        store.create("scores", SCORES)
+        store.append("scores", scores(spark, ("a", 1, 0.1), ("a", 2, 0.2)))
+        store.merge("scores", scores(spark, ("a", 2, 9.0), ("a", 3, 0.3)), ["entity_id", "batch_id"])
+        assert content(store.read("scores")) == [("a", 1, 0.1), ("a", 2, 9.0), ("a", 3, 0.3)]
+
+    def test_writes_refuse_frames_of_other_columns(self, store, spark):
+        store.create("scores", SCORES)
+        with pytest.raises(ValueError, match="'scores'"):
+            store.append("scores", scores(spark, ("a", 1, 0.1)).drop("score"))
+        with pytest.raises(ValueError, match="'scores'"):
+            store.merge("scores", scores(spark, ("a", 1, 0.1)), ["entity"])
+        assert store.version("scores") == 0
+
+    @pytest.mark.parametrize("operation", OPERATIONS)
+    def test_a_replayed_guard_writes_nothing(self, store, spark, operation):
+        store.create("scores", SCORES)
+        assert write(store, operation, "scores", scores(spark, ("a", 1, 0.1)), Guard("nearline", 5))
+        version, before = store.version("scores"), content(store.read("scores"))
+
+        for replayed in (5, 4):
+            assert not write(store, operation, "scores", scores(spark, ("b", 1, 9.9)), Guard("nearline", replayed))
+        assert store.version("scores") == version
+        assert content(store.read("scores")) == before
+
+        assert write(store, operation, "scores", scores(spark, ("a", 6, 0.6)), Guard("nearline", 6))
+        assert write(store, operation, "scores", scores(spark, ("c", 1, 0.7)), Guard("nightly", 1))
+        assert store.version("scores") == version + 2
+        assert store.transaction_version("scores", "nearline") == 6
+        assert store.transaction_version("scores", "nightly") == 1
+        assert store.transaction_version("scores", "never") is None
+
+    @pytest.mark.parametrize("operation", OPERATIONS)
+    def test_a_guarded_empty_write_records_its_transaction(self, store, spark, operation):
+        store.create("scores", SCORES)
+        empty = scores(spark)
+        assert write(store, operation, "scores", empty, Guard("nearline", 7))
+        assert store.version("scores") == 1
+        assert store.transaction_version("scores", "nearline") == 7
+        assert not write(store, operation, "scores", scores(spark, ("a", 1, 0.1)), Guard("nearline", 7))
+        assert content(store.read("scores")) == []
+
+    def test_version_history_and_time_travel(self, store, spark):
+        store.create("scores", SCORES)
+        store.append("scores", scores(spark, ("a", 1, 0.1)))
+        store.overwrite("scores", scores(spark, ("b", 2, 0.2)))
+        store.merge("scores", scores(spark, ("b", 3, 0.3), ("c", 3, 0.4)), ["entity_id"])
+
+        assert store.version("scores") == 3
+        history = store.history("scores")
+        assert [(commit.version, commit.operation) for commit in history] == [
+            (0, "CREATE TABLE"),
+            (1, "WRITE"),
+            (2, "WRITE"),
+            (3, "MERGE"),
+        ]
+        assert all(commit.timestamp.utcoffset() == timedelta(0) for commit in history)
+
+        assert content(store.read("scores", version=0)) == []
+        assert content(store.read("scores", version=1)) == [("a", 1, 0.1)]
+        assert content(store.read("scores", version=2)) == [("b", 2, 0.2)]
+        assert content(store.read("scores", version=3)) == [("b", 3, 0.3), ("c", 3, 0.4)]
+
+    def test_the_log_is_standard_delta(self, store, spark):
+        store.create("scores", SCORES)
+        store.append("scores", scores(spark, ("a", 1, 0.1)), guard=Guard("nearline", 1))
+        store.overwrite("scores", scores(spark, ("b", 2, 0.2)))
+        store.merge("scores", scores(spark, ("b", 3, 0.3)), ["entity_id"], guard=Guard("nearline", 2))
+        store.merge("scores", scores(spark), ["entity_id"], guard=Guard("nearline", 3))
+
+        log = delta_log(store, "scores")
+        assert len(log) == 5
+        for commit in log:
+            assert all(len(action) == 1 and set(action) <= STANDARD_ACTIONS for action in commit)
+            assert all(not add.get("deletionVector") for add in actions(commit, "add"))
+        create, append, overwrite, merge, empty_merge = log
+
+        (metadata,) = actions(create, "metaData")
+        assert actions(create, "protocol")
+        assert StructType.fromJson(json.loads(metadata["schemaString"])) == SCORES
+        assert metadata["partitionColumns"] == []
+
+        assert actions(append, "add") and not actions(append, "remove")
+        assert actions(overwrite, "add") and actions(overwrite, "remove")
+        assert actions(merge, "add") and actions(merge, "remove")
+        assert not actions(empty_merge, "add") and not actions(empty_merge, "remove")
+        transactions = [[(txn["appId"], txn["version"]) for txn in actions(commit, "txn")] for commit in log]
+        assert transactions == [[], [("nearline", 1)], [], [("nearline", 2)], [("nearline", 3)]]
+
+    def test_column_types_round_trip(self, store, spark):
+        store.create("state", STATE)
+        summer = timezone(timedelta(hours=2))
+        rows = [
+            (
+                "member",
+                "m1",
+                3,
+                12,
+                -0.25,
+                True,
+                datetime(2026, 7, 1, 14, 30, 5, 123456, tzinfo=summer),
+                [("age", "", 0.5, 0.01), ("country", "fr", -1.25, 0.2)],
+                [("age", "", 31.0)],
+                {"auc": 0.71, "log_loss": 0.42},
+            ),
+            ("member", "m2", None, None, None, None, None, [], None, {}),
+        ]
+        assert store.append("state", spark.createDataFrame(rows, STATE))
+        assert store.schema("state") == STATE
+
+        frame = store.read("state")
+        assert [(field.name, field.dataType) for field in frame.schema] == [
+            (field.name, field.dataType) for field in STATE
+        ]
+        back = sorted(frame.toArrow().to_pylist(), key=lambda row: row["entity_id"])
+        assert back[0]["updated_at"] == datetime(2026, 7, 1, 12, 30, 5, 123456, tzinfo=UTC)
+        assert back[0]["updated_at"].utcoffset() == timedelta(0)
+        assert back[0]["coefficients"] == [
+            {"name": "age", "term": "", "mean": 0.5, "variance": 0.01},
+            {"name": "country", "term": "fr", "mean": -1.25, "variance": 0.2},
+        ]
+        assert back[0]["features"] == [{"name": "age", "term": "", "value": 31.0}]
+        assert dict(back[0]["metrics"]) == {"auc": 0.71, "log_loss": 0.42}
+        assert (back[0]["generation"], back[0]["rows"], back[0]["offset"], back[0]["active"]) == (3, 12, -0.25, True)
+        assert back[1] == {
+            "entity_type": "member",
+            "entity_id": "m2",
+            "generation": None,
+            "rows": None,
+            "offset": None,
+            "active": None,
+            "updated_at": None,
+            "coefficients": [],
+            "features": None,
+            "metrics": [],
+        }
+
+
+class TestDeltaRsStore(TableStoreContract):
+    @pytest.fixture
+    def store(self, spark, tmp_path):
+        return DeltaRsStore(spark, str(tmp_path / "tables"))
+
+    def test_a_relative_root_is_made_absolute(self, spark, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        store = DeltaRsStore(spark, "var/tables")
+        assert store.root == str(tmp_path / "var" / "tables")
+        assert store.path("scores") == str(tmp_path / "var" / "tables" / "scores")
+
+    def test_a_root_with_spaces_and_hashes_reads_back(self, spark, tmp_path):
+        # delta-rs percent-encodes such paths in its file URIs; Spark needs them decoded.
+        store = DeltaRsStore(spark, str(tmp_path / "my tables #1"))
+        store.create("scores", SCORES)
+        store.append("scores", scores(spark, ("a", 1, 0.1)))
+        assert content(store.read("scores")) == [("a", 1, 0.1)]
+
+    @pytest.mark.parametrize("root", ["tables[1]", "tables{a,b}", "100%"])
+    def test_a_root_delta_rs_or_spark_cannot_use_is_refused(self, spark, tmp_path, root):
+        with pytest.raises(ConfigError, match=r"storage\.root"):
+            DeltaRsStore(spark, str(tmp_path / root))
+
+
+class TestSparkDeltaStore(TableStoreContract):
+    @pytest.fixture
+    def store(self, spark, tmp_path):
+        if not delta_available(spark):
+            pytest.skip(DELTA_JAR_MISSING)
+        return SparkDeltaStore(spark, str(tmp_path / "tables"))
+
+
+def test_open_store_auto_takes_what_the_session_has(spark, tmp_path):
+    store = open_store(spark, StorageConfig(backend="auto", root=str(tmp_path)))
+    assert type(store) is (SparkDeltaStore if delta_available(spark) else DeltaRsStore)
+
+
+def test_open_store_passes_storage_options_to_delta_rs(spark, tmp_path):
+    options = {"timeout": "30s"}
+    store = open_store(spark, StorageConfig(backend="delta-rs", root=str(tmp_path), storage_options=options))
+    assert isinstance(store, DeltaRsStore)
+    assert store.storage_options == options
+    store.create("scores", SCORES)
+    assert store.exists("scores")
+
+
+def test_open_store_refuses_spark_delta_without_the_jar(spark, tmp_path):
+    if delta_available(spark):
+        pytest.skip("Spark's Delta Lake jar is on the classpath here")
+    with pytest.raises(ConfigError, match=r"'storage\.backend'.*io\.delta:delta-spark_2\.13.*not on the classpath"):
+        open_store(spark, StorageConfig(backend="spark-delta", root=str(tmp_path)))
