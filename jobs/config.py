@@ -124,20 +124,29 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
-class NearlineConfig:
-    app_id: str = "lambda-learner-nearline"
+class EntityGrouping:
+    """How random-effect updates are grouped into pandas calls."""
+
     entity_buckets: int = _checked(64, AT_LEAST_ONE)
     one_entity_per_call: bool = False
 
+    @property
+    def buckets(self) -> int | None:
+        """Buckets of whole entities per call, or None for one entity per call (the slow baseline)."""
+        return None if self.one_entity_per_call else self.entity_buckets
+
 
 @dataclass(frozen=True)
-class NightlyConfig:
+class NearlineConfig(EntityGrouping):
+    app_id: str = "lambda-learner-nearline"
+
+
+@dataclass(frozen=True)
+class NightlyConfig(EntityGrouping):
     app_id: str = "lambda-learner-nightly"
     window_days: float = _checked(7.0, POSITIVE)
     holdout_hours: float = _checked(6.0, NON_NEGATIVE)
     passes: int = _checked(2, AT_LEAST_ONE)
-    entity_buckets: int = _checked(64, AT_LEAST_ONE)
-    one_entity_per_call: bool = False
     auc_tolerance: float = _checked(0.005, NON_NEGATIVE)
     loss_tolerance: float = _checked(0.01, NON_NEGATIVE)
     force_publish: bool = False
@@ -274,7 +283,7 @@ def _check_consistency(config: Config) -> None:
             seen.add(value)
     if config.model.task == "logistic" and config.model.fixed_effect.elastic_net > 0:
         raise ConfigError(
-            "config key 'model.fixed_effect.elastic_net' must be 0 for task logistic (elastic net is offered for linear)"
+            "config key 'model.fixed_effect.elastic_net' must be 0 for task logistic (elastic net is for linear)"
         )
     if config.stream.source == "kafka" and "kafka.bootstrap.servers" not in config.stream.options:
         raise ConfigError("config key 'stream.options' must set kafka.bootstrap.servers when stream.source is kafka")

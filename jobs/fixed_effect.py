@@ -1,0 +1,154 @@
+"""The fixed effect: one global linear model, trained on Spark with MLlib, scored with Spark SQL.
+
+MLlib has no offset for ``LogisticRegression`` or ``LinearRegression``; we give them one exactly:
+
+- logistic: the offset becomes feature 0 with its coefficient bounded to [1, 1] (L-BFGS-B);
+- linear: the label becomes ``label - offset``.
+
+Both minimise ``sum_i w_i loss_i / sum_i w_i + regParam * penalty(beta)`` with ``standardization
+= False``; ``regParam = lambda / sum_i w_i`` makes that our objective ``sum_i w_i loss_i + lambda *
+penalty(beta)`` (the intercept is not penalised). ``LinearRegression`` also standardises the label,
+which divides the L2 part by the label's standard deviation; the settings undo that. docs/nightly.md
+says why not ``GeneralizedLinearRegression``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.functions import array_to_vector
+from pyspark.ml.linalg import Matrices
+from pyspark.ml.regression import LinearRegression
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from jobs.config import FixedEffectConfig
+from lambda_learner.representation import INTERCEPT
+
+_SEPARATOR = "\x1f"
+
+
+@dataclass(frozen=True)
+class FixedEffectModel:
+    """Name-term coefficients (the intercept first) with their variances."""
+
+    names: tuple[str, ...]
+    terms: tuple[str, ...]
+    means: tuple[float, ...]
+    variances: tuple[float, ...]
+
+    def score(self, bag: Column) -> Column:
+        """``intercept + sum over the bag of value * coefficient`` (0 for a feature the model lacks)."""
+        lookup = dict(zip(_keys(self.names, self.terms), self.means, strict=True))
+        intercept = lookup.pop(_SEPARATOR.join(INTERCEPT), 0.0)
+        if not lookup:
+            return F.lit(float(intercept))
+        table = F.create_map(*[item for key, mean in lookup.items() for item in (F.lit(key), F.lit(float(mean)))])
+        products = F.transform(
+            F.coalesce(bag, F.array()),
+            lambda f: (
+                f["value"]
+                * F.coalesce(F.element_at(table, F.concat(f["name"], F.lit(_SEPARATOR), f["term"])), F.lit(0.0))
+            ),
+        )
+        return F.aggregate(products, F.lit(float(intercept)), lambda total, x: total + x)
+
+
+def fit_fixed_effect(rows: DataFrame, task: str, config: FixedEffectConfig) -> FixedEffectModel:
+    """Fit on ``rows`` (label, weight, offset, names, terms, values) with MLlib; variances from the Hessian diagonal."""
+    vocabulary = sorted(
+        (row.name, row.term)
+        for row in rows.select(F.explode(F.arrays_zip("names", "terms")).alias("f"))
+        .select(F.col("f.names").alias("name"), F.col("f.terms").alias("term"))
+        .distinct()
+        .collect()
+    )
+    keys = _keys([name for name, _ in vocabulary], [term for _, term in vocabulary])
+    dense = _dense_features(keys)
+    shifted_label = F.col("label") - F.col("offset")
+    total_weight, weighted_label, weighted_square = rows.agg(
+        F.sum("weight"), F.sum(F.col("weight") * shifted_label), F.sum(F.col("weight") * shifted_label**2)
+    ).first()
+    if not total_weight or total_weight <= 0:
+        raise ValueError("the fixed effect has no training rows with positive weight")
+    regularisation = config.penalty / total_weight
+    frame = rows.select("label", "weight", "offset", dense.alias("x"))
+    width = len(keys)
+    if task == "logistic":
+        with_offset = frame.select(
+            "label", "weight", array_to_vector(F.concat(F.array("offset"), "x")).alias("features")
+        )
+        bound = [1.0] + [float("inf")] * width
+        estimator = LogisticRegression(
+            weightCol="weight",
+            regParam=regularisation,
+            elasticNetParam=0.0,
+            standardization=False,
+            maxIter=config.max_iterations,
+            tol=1e-10,
+            lowerBoundsOnCoefficients=Matrices.dense(1, width + 1, [1.0] + [-float("inf")] * width),
+            upperBoundsOnCoefficients=Matrices.dense(1, width + 1, bound),
+        )
+        fitted = estimator.fit(with_offset)
+        coefficients = fitted.coefficients.toArray()[1:]
+    else:
+        # MLlib solves for label / sd: its L2 part shrinks by sd, its L1 part does not.
+        mean = weighted_label / total_weight
+        deviation = float(np.sqrt(max(weighted_square / total_weight - mean * mean, 0.0))) or 1.0
+        mix = config.elastic_net + deviation * (1.0 - config.elastic_net)
+        estimator = LinearRegression(
+            weightCol="weight",
+            regParam=regularisation * mix,
+            elasticNetParam=config.elastic_net / mix,
+            standardization=False,
+            maxIter=config.max_iterations,
+            tol=1e-10,
+        )
+        shifted = frame.select(
+            (F.col("label") - F.col("offset")).alias("label"), "weight", array_to_vector("x").alias("features")
+        )
+        fitted = estimator.fit(shifted)
+        coefficients = fitted.coefficients.toArray()
+    intercept = float(fitted.intercept)
+    curvature = _hessian_diagonal(frame, task, intercept, coefficients)
+    ridge = config.penalty * (1.0 - config.elastic_net)
+    variances = [1.0 / curvature[0], *(1.0 / (curvature[1:] + ridge))]
+    return FixedEffectModel(
+        names=(INTERCEPT[0], *[name for name, _ in vocabulary]),
+        terms=(INTERCEPT[1], *[term for _, term in vocabulary]),
+        means=(intercept, *coefficients.tolist()),
+        variances=tuple(float(v) for v in variances),
+    )
+
+
+def _dense_features(keys: list[str]) -> Column:
+    """The bag as a dense array in ``keys`` order (MLlib takes dense vectors from arrays)."""
+    index = F.create_map(*[item for position, key in enumerate(keys) for item in (F.lit(key), F.lit(position))])
+    positions = F.transform(
+        F.arrays_zip("names", "terms"),
+        lambda f: F.element_at(index, F.concat(f["names"], F.lit(_SEPARATOR), f["terms"])),
+    )
+    by_position = F.map_from_arrays(positions, F.col("values"))
+    return F.transform(F.sequence(F.lit(0), F.lit(len(keys) - 1)), lambda i: F.coalesce(by_position[i], F.lit(0.0)))
+
+
+def _hessian_diagonal(frame: DataFrame, task: str, intercept: float, coefficients: np.ndarray) -> np.ndarray:
+    """``sum_i w_i loss''_i x_ij^2`` for the intercept and each feature, in one pass."""
+    beta = F.array(*[F.lit(float(c)) for c in coefficients])
+    margin = F.aggregate(
+        F.zip_with("x", beta, lambda x, b: x * b), F.lit(intercept) + F.col("offset"), lambda a, v: a + v
+    )
+    probability = 1.0 / (1.0 + F.exp(-margin))
+    curvature = F.col("weight") * (probability * (1.0 - probability) if task == "logistic" else F.lit(1.0))
+    squares = F.transform("x", lambda x: x * x)
+    sums = frame.select(curvature.alias("c"), squares.alias("s")).select(
+        F.sum("c").alias("intercept"),
+        *[F.sum(F.col("c") * F.col("s")[j]).alias(f"x{j}") for j in range(len(coefficients))],
+    )
+    return np.asarray(list(sums.first()), dtype=np.float64)
+
+
+def _keys(names, terms) -> list[str]:
+    return [f"{name}{_SEPARATOR}{term}" for name, term in zip(names, terms, strict=True)]

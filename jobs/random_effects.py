@@ -1,0 +1,94 @@
+"""Random effects on Spark: the rows and coefficients frames the kernels take, grouped by entity bucket.
+
+Both jobs update random effects the same way: ``cogroup`` each entity's rows with its
+current coefficients (only entities that have rows), then the update kernel solves a
+whole bucket of entities per pandas call (``udfs.random_effects``).
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from jobs.config import RandomEffectConfig
+from jobs.schemas import COEFFICIENTS, bag_column
+from udfs.random_effects import COEFFICIENT_FIELDS, SCORE_FIELDS, UPDATE_FIELDS, UpdateKernel, ddl, score_rows
+
+GROUP = "_group"
+
+
+def entity_group(entity: Column, buckets: int | None) -> Column:
+    """The group key: ``hash(entity) mod buckets`` (whole entities per call), or the entity itself."""
+    if buckets is None:
+        return entity
+    return F.pmod(F.xxhash64(entity), F.lit(buckets))
+
+
+def random_effect_rows(events: DataFrame, random_effect: RandomEffectConfig, offset: Column, seed: int) -> DataFrame:
+    """One row per event for one random-effect type: the kernel's row fields (``udfs.random_effects.ROW_FIELDS``).
+
+    ``events`` needs ``row_key`` (unique per row) besides the events-table columns.
+    """
+    bag = F.coalesce(F.col(bag_column(random_effect.feature_bag)), F.array())
+    return events.select(
+        F.col(random_effect.entity_column).alias("entity_id"),
+        F.col("row_key"),
+        F.xxhash64(F.col("event_id"), F.lit(seed)).alias("sample_key"),
+        F.col("label"),
+        F.col("weight"),
+        offset.cast("double").alias("offset"),
+        F.transform(bag, lambda f: f["name"]).alias("names"),
+        F.transform(bag, lambda f: f["term"]).alias("terms"),
+        F.transform(bag, lambda f: f["value"]).alias("values"),
+    )
+
+
+def coefficient_arrays(table: DataFrame) -> DataFrame:
+    """``(entity_id, coefficients)`` as the kernels' parallel arrays (``COEFFICIENT_FIELDS``)."""
+    coefficients = F.col("coefficients")
+    return table.select(
+        F.col("entity_id"),
+        F.transform(coefficients, lambda c: c["name"]).alias("names"),
+        F.transform(coefficients, lambda c: c["term"]).alias("terms"),
+        F.transform(coefficients, lambda c: c["mean"]).alias("means"),
+        F.transform(coefficients, lambda c: c["variance"]).alias("variances"),
+    )
+
+
+def coefficient_records(arrays: DataFrame) -> Column:
+    """The kernels' parallel arrays back into an array of coefficient records."""
+    zipped = F.arrays_zip(F.col("names"), F.col("terms"), F.col("means"), F.col("variances"))
+    return F.transform(
+        zipped,
+        lambda c: F.struct(
+            c["names"].alias("name"),
+            c["terms"].alias("term"),
+            c["means"].alias("mean"),
+            c["variances"].alias("variance"),
+        ),
+    ).cast(COEFFICIENTS)
+
+
+def update_random_effect(
+    rows: DataFrame, coefficients: DataFrame, kernel: UpdateKernel, buckets: int | None
+) -> DataFrame:
+    """Each entity with rows, updated from its current coefficients (``UPDATE_FIELDS``)."""
+    # A plain two-argument function: Spark passes the group key to callables it counts three arguments on.
+    return _cogrouped(rows, coefficients, buckets).applyInPandas(
+        lambda group_rows, group_coefficients: kernel(group_rows, group_coefficients), ddl(UPDATE_FIELDS)
+    )
+
+
+def score_random_effect(rows: DataFrame, coefficients: DataFrame, buckets: int | None) -> DataFrame:
+    """Each row's score under its entity's coefficients (``SCORE_FIELDS``)."""
+    return _cogrouped(rows, coefficients, buckets).applyInPandas(score_rows, ddl(SCORE_FIELDS))
+
+
+def _cogrouped(rows: DataFrame, coefficients: DataFrame, buckets: int | None):
+    # Only the entities of this batch: the kernel should not receive the whole table.
+    needed = coefficients.select(*[name for name, _ in COEFFICIENT_FIELDS]).join(
+        rows.select("entity_id").distinct(), "entity_id", "left_semi"
+    )
+    rows = rows.withColumn(GROUP, entity_group(F.col("entity_id"), buckets))
+    needed = needed.withColumn(GROUP, entity_group(F.col("entity_id"), buckets))
+    return rows.groupBy(GROUP).cogroup(needed.groupBy(GROUP))

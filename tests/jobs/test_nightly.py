@@ -1,0 +1,247 @@
+"""The nightly job on generated streams with a known truth, in real Delta tables, with real process crashes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pyspark.sql import functions as F
+
+from jobs.config import config_to_dict
+from jobs.faults import CRASH_EXIT_CODE, CRASH_VARIABLE
+from jobs.ingest import ingest_batch
+from jobs.nightly_retrain import run_nightly
+from jobs.tables import open_store
+from tests.jobs.streams import (
+    IngestedStream,
+    config_for,
+    ingest_files,
+    ingest_stream,
+    landing_files,
+    rmse,
+    stream_spec,
+    truth_coefficients,
+)
+
+ROW_CAP = 300
+# The first six of the stream's eight files are the first night's; the last two come later.
+TRAINED_FILES = 6
+LONELY_BATCH = TRAINED_FILES
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tmp_path_factory):
+    """One stream, one extra single-event entity, one nightly run."""
+    stream = ingest_stream(
+        spark,
+        tmp_path_factory.mktemp("nightly"),
+        stream_spec(),
+        "nightly.holdout_hours=2",
+        f"model.random_effects.per_item.max_rows_per_entity={ROW_CAP}",
+        files=TRAINED_FILES,
+    )
+    lonely = {
+        "event_id": "lonely-1",
+        "event_time": "2026-11-01T00:30:00Z",
+        "label": 1,
+        "member_id": "member-lonely",
+        "item_id": "item-000001",
+        "features": {"member": [{"name": "m", "term": "0", "value": 1.0}]},
+    }
+    ingest_batch(
+        stream.store, stream.config, spark.createDataFrame([(json.dumps(lonely),)], "value string"), LONELY_BATCH
+    )
+    report = run_nightly(spark, stream.store, stream.config)
+    return stream, report
+
+
+def priors(stream):
+    return stream.store.read("re_priors").toPandas()
+
+
+def test_the_fixed_and_random_effects_recover_the_truth(trained):
+    stream, report = trained
+    assert report.status == "published" and report.generation == 1
+    fixed_truth, entity_truth = truth_coefficients(stream.truth)
+    fixed = stream.store.read("fixed_effect").where("name != 'intercept'").collect()
+    fixed_error = rmse([row.mean - fixed_truth[(row.name, row.term)] for row in fixed])
+    # Measured 0.03 on this stream (truth scale 0.5).
+    assert fixed_error < 0.1
+
+    truth = {(r.re_type, r.entity_id, r.name, r.term): r.value for r in entity_truth.itertuples()}
+    learnt = priors(stream)
+
+    def slope_error(re_type, least_rows):
+        return rmse(
+            [
+                c["mean"] - truth[(re_type, row.entity_id, c["name"], c["term"])]
+                for row in learnt[(learnt.re_type == re_type) & (learnt.rows >= least_rows)].itertuples()
+                for c in row.coefficients
+                if c["name"] != "intercept"
+            ]
+        )
+
+    # Truth scale 0.7. Measured on this stream: members with >= 100 rows 0.26, with >= 200 rows 0.16;
+    # items (300 rows each, capped) 0.13. More rows, smaller error.
+    assert slope_error("per_member", 100) < 0.35
+    assert slope_error("per_member", 200) < slope_error("per_member", 50)
+    assert slope_error("per_item", 100) < 0.2
+
+
+def test_the_full_model_beats_the_fixed_effect_alone_on_the_holdout(trained):
+    _, report = trained
+    validation = report.validation
+    assert validation["full.auc"] > validation["fixed_only.auc"] + 0.05
+    assert validation["full.log_loss"] < validation["fixed_only.log_loss"]
+    for re_type in ("per_member", "per_item"):
+        assert validation[f"full.per_entity_auc.{re_type}"] > validation[f"fixed_only.per_entity_auc.{re_type}"]
+    assert 0.8 < validation["full.calibration"] < 1.25
+
+
+def test_both_random_effect_types_are_published_with_their_generation_and_cutoff(trained):
+    stream, report = trained
+    learnt = priors(stream)
+    assert set(learnt.re_type) == {"per_member", "per_item"}
+    assert (learnt.generation == 1).all() and (learnt.cutoff_batch_id == report.cutoff_batch_id).all()
+    assert report.cutoff_batch_id == LONELY_BATCH
+    fixed = stream.store.read("fixed_effect").toPandas()
+    assert (fixed.generation == 1).all() and (fixed.cutoff_batch_id == LONELY_BATCH).all()
+    metrics = stream.store.read("metrics").where("job = 'nightly'").collect()
+    assert [(row.status, row.generation) for row in metrics] == [("published", 1)]
+    assert metrics[0]["values"]["full.auc"] == pytest.approx(report.validation["full.auc"])
+
+
+def test_an_entity_with_one_row_gets_a_random_effect(trained):
+    stream, _ = trained
+    learnt = priors(stream)
+    (lonely,) = learnt[learnt.entity_id == "member-lonely"].itertuples()
+    assert lonely.rows == 1
+    assert {(c["name"], c["term"]) for c in lonely.coefficients} == {("intercept", "intercept"), ("m", "0")}
+    assert all(np.isfinite(c["mean"]) and 0 < c["variance"] <= 1.0 for c in lonely.coefficients)
+
+
+def test_an_entity_over_the_row_cap_is_trained_on_a_sample_of_its_rows(trained):
+    stream, _ = trained
+    learnt = priors(stream)
+    items = learnt[learnt.re_type == "per_item"]
+    events = stream.store.read("events")
+    holdout_start = events.agg(F.max("event_time")).first()[0] - timedelta(hours=2)
+    training = events.where(F.col("event_time") <= holdout_start).groupBy("item_id").count().toPandas()
+    counts = training.set_index("item_id")["count"]
+    assert (counts > ROW_CAP).sum() >= 3
+    assert all(row.rows == min(ROW_CAP, counts[row.entity_id]) for row in items.itertuples())
+
+
+def test_a_rerun_of_the_same_night_publishes_nothing(trained, spark):
+    stream, _ = trained
+    before = {name: stream.store.version(name) for name in ("re_priors", "fixed_effect", "metrics")}
+    again = run_nightly(spark, stream.store, stream.config)
+    assert again.status == "already_published" and again.generation == 1
+    assert {name: stream.store.version(name) for name in before} == before
+
+
+def test_an_empty_window_publishes_nothing(spark, tmp_path):
+    config = config_for(tmp_path)
+    store = open_store(spark, config.storage)
+    report = run_nightly(spark, store, config)
+    assert report.status == "empty_window"
+    assert store.read("fixed_effect").count() == 0 and store.read("re_priors").count() == 0
+
+
+@pytest.fixture
+def published(trained, tmp_path, spark):
+    """A copy of the trained tables (generation 1) and the stream's two later files, ingested since."""
+    stream, _ = trained
+    shutil.copytree(stream.folder / "tables", tmp_path / "tables")
+    config = config_for(tmp_path, "nightly.holdout_hours=2", "nightly.passes=1")
+    copy = IngestedStream(stream.truth, config, open_store(spark, config.storage), tmp_path)
+    ingest_files(spark, copy, landing_files(stream)[TRAINED_FILES:], first_batch_id=LONELY_BATCH + 1)
+    return config, copy.store
+
+
+def generations(store, table):
+    return sorted({row.generation for row in store.read(table).select("generation").collect()})
+
+
+def test_the_gate_keeps_a_worse_model_out_and_force_publishes_it(published, spark):
+    _, store = published
+    crippled = config_for(
+        Path(store.root).parent,
+        "nightly.holdout_hours=2",
+        "nightly.passes=1",
+        "model.random_effects.per_member.penalty=1000000",
+        "model.random_effects.per_item.penalty=1000000",
+    )
+    kept = run_nightly(spark, store, crippled)
+    assert kept.status == "kept" and kept.generation == 1
+    assert "below the current generation" in kept.reason
+    assert kept.validation["full.auc"] < kept.validation["current.auc"] - crippled.nightly.auc_tolerance
+    assert generations(store, "fixed_effect") == [1] and generations(store, "re_priors") == [1]
+    (row,) = store.read("metrics").where("status = 'kept'").collect()
+    assert row.note == kept.reason
+
+    forced = run_nightly(spark, store, crippled, force_publish=True)
+    assert forced.status == "published" and forced.generation == 2
+    assert generations(store, "fixed_effect") == [1, 2]
+
+
+def test_a_better_model_is_published(published, spark):
+    config, store = published
+    report = run_nightly(spark, store, config)
+    assert report.status == "published" and report.generation == 2
+    assert report.validation["full.auc"] >= report.validation["current.auc"] - config.nightly.auc_tolerance
+
+
+def write_config(folder, config):
+    """The settings as a YAML file a job process can read."""
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+def nightly_process(config_path, crash_at=None):
+    environment = {key: value for key, value in os.environ.items() if key != CRASH_VARIABLE}
+    if crash_at:
+        environment[CRASH_VARIABLE] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.nightly_retrain", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def test_a_crash_before_or_during_publication_leaves_the_current_generation_intact(published, spark, tmp_path):
+    config, store = published
+    config_path = write_config(tmp_path, config)
+    priors_before = store.read("re_priors").count()
+
+    crashed = nightly_process(config_path, crash_at="nightly:before_publish")
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
+    assert generations(store, "fixed_effect") == [1] and store.read("re_priors").count() == priors_before
+
+    crashed = nightly_process(config_path, crash_at="nightly:between_priors_and_fixed_effect")
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
+    # Half published: generation 2's priors are there, but the fixed effect (the commit point) is not.
+    assert generations(store, "fixed_effect") == [1] and generations(store, "re_priors") == [1, 2]
+
+    finished = nightly_process(config_path)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert report["status"] == "published" and report["generation"] == 2
+    priors = store.read("re_priors").where("generation = 2").toPandas()
+    assert not priors.duplicated(["re_type", "entity_id"]).any()
+    assert (priors.cutoff_batch_id == report["cutoff_batch_id"]).all()
+
+    again = nightly_process(config_path)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "already_published"
+    assert store.read("re_priors").where("generation = 2").count() == len(priors)
+    assert store.read("metrics").where("job = 'nightly' AND generation = 2").count() == 1

@@ -1,0 +1,220 @@
+"""The random-effect kernels Spark calls per group: pandas frames in, flat numpy arrays to the solver, pandas out.
+
+A group holds whole entities of one random-effect type (an entity bucket, or one entity
+in the per-entity baseline). Spark hands over two frames per group (``cogroup``): the
+entities' rows and their current coefficients. Feature bags arrive flattened into
+parallel arrays (``names``, ``terms``, ``values``), coefficients likewise (``names``,
+``terms``, ``means``, ``variances``); the intercept is the name-term ``intercept/intercept``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from lambda_learner.batched import BatchedSolver, EntityBatch
+from lambda_learner.losses import Loss
+from lambda_learner.representation import INTERCEPT
+
+ROW_FIELDS = [
+    ("entity_id", "string"),
+    ("row_key", "long"),
+    ("sample_key", "long"),
+    ("label", "double"),
+    ("weight", "double"),
+    ("offset", "double"),
+    ("names", "array<string>"),
+    ("terms", "array<string>"),
+    ("values", "array<double>"),
+]
+COEFFICIENT_FIELDS = [
+    ("entity_id", "string"),
+    ("names", "array<string>"),
+    ("terms", "array<string>"),
+    ("means", "array<double>"),
+    ("variances", "array<double>"),
+]
+UPDATE_FIELDS = [
+    *COEFFICIENT_FIELDS,
+    ("converged", "boolean"),
+    ("iterations", "int"),
+    ("rows", "long"),
+    ("loss_before", "double"),
+    ("loss_after", "double"),
+]
+SCORE_FIELDS = [("row_key", "long"), ("entity_id", "string"), ("score", "double")]
+
+_SEPARATOR = "\x1f"
+
+
+def ddl(fields: list[tuple[str, str]]) -> str:
+    """A Spark schema string for ``applyInPandas``."""
+    return ", ".join(f"{name} {kind}" for name, kind in fields)
+
+
+@dataclass(frozen=True)
+class UpdateKernel:
+    """Updates every entity of a group from its rows and its prior (none for a new entity).
+
+    Entities with more than ``max_rows_per_entity`` rows keep a uniform sample of them: the
+    rows with the smallest ``sample_key`` (a seeded hash, so a replay keeps the same rows).
+    Entities with fewer than ``min_rows`` rows are left out.
+    """
+
+    task: str
+    penalty: float
+    delta: float
+    max_rows_per_entity: int
+    min_rows: int = 1
+
+    def __call__(self, rows: pd.DataFrame, priors: pd.DataFrame) -> pd.DataFrame:
+        rows = self._eligible(rows)
+        if rows.empty:
+            return _empty(UPDATE_FIELDS)
+        entities, row_splits = _segments(rows["entity_id"].to_numpy())
+        vocabulary = _Vocabulary(rows, priors)
+        known = pd.Index(priors["entity_id"]).get_indexer(entities)
+        prior_splits, prior_ids = vocabulary.coefficient_ids(known)
+        prior_rows = known[known >= 0]
+        batch = EntityBatch(
+            row_splits=row_splits,
+            labels=rows["label"].to_numpy(np.float64),
+            weights=rows["weight"].to_numpy(np.float64),
+            offsets=rows["offset"].to_numpy(np.float64),
+            features=vocabulary.row_features(rows["values"]),
+            prior_splits=prior_splits,
+            prior_ids=prior_ids,
+            prior_means=_flatten(priors["means"].iloc[prior_rows], np.float64)[1],
+            prior_variances=_flatten(priors["variances"].iloc[prior_rows], np.float64)[1],
+        )
+        result = BatchedSolver(Loss.for_task(self.task), penalty=self.penalty, delta=self.delta).solve(batch)
+        names, terms = vocabulary.name_terms(result.coefficient_ids)
+        bounds = result.coefficient_splits[1:-1]
+        return pd.DataFrame(
+            {
+                "entity_id": entities,
+                "names": np.split(names, bounds),
+                "terms": np.split(terms, bounds),
+                "means": np.split(result.means, bounds),
+                "variances": np.split(result.variances, bounds),
+                "converged": result.converged,
+                "iterations": result.iterations.astype(np.int32),
+                "rows": np.diff(row_splits),
+                "loss_before": result.loss_before,
+                "loss_after": result.loss_after,
+            }
+        )
+
+    def _eligible(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Rows sorted by entity, capped per entity, without entities below the minimum."""
+        rows = rows.sort_values(["entity_id", "sample_key"], kind="stable")
+        rows = rows[rows.groupby("entity_id", sort=False).cumcount().to_numpy() < self.max_rows_per_entity]
+        if self.min_rows > 1:
+            rows = rows[
+                rows.groupby("entity_id", sort=False)["entity_id"].transform("size").to_numpy() >= self.min_rows
+            ]
+        return rows.reset_index(drop=True)
+
+
+def score_rows(rows: pd.DataFrame, coefficients: pd.DataFrame) -> pd.DataFrame:
+    """Each row's score under its entity's coefficient means (0 for an entity without coefficients)."""
+    if rows.empty:
+        return _empty(SCORE_FIELDS)
+    vocabulary = _Vocabulary(rows, coefficients)
+    width = len(vocabulary)
+    splits, ids = vocabulary.coefficient_ids(np.arange(len(coefficients)))
+    owners = np.repeat(np.arange(len(coefficients)), np.diff(splits))
+    # (entity, feature) pairs as sorted integer keys: a lookup without a dense entity x feature table.
+    table = pd.Series(_flatten(coefficients["means"], np.float64)[1], index=owners * width + ids)
+
+    features = vocabulary.row_features(rows["values"])
+    row_of_value = np.repeat(np.arange(len(rows)), np.diff(features.indptr))
+    owner = pd.Index(coefficients["entity_id"]).get_indexer(rows["entity_id"])[row_of_value]
+    means = table.reindex(owner * width + features.indices).to_numpy()
+    contributions = np.where((owner >= 0) & ~np.isnan(means), features.data * np.nan_to_num(means), 0.0)
+    return pd.DataFrame(
+        {
+            "row_key": rows["row_key"].to_numpy(),
+            "entity_id": rows["entity_id"].to_numpy(),
+            "score": np.bincount(row_of_value, weights=contributions, minlength=len(rows)),
+        }
+    )
+
+
+class _Vocabulary:
+    """The name-terms of one group's rows and coefficients, numbered in (name, term) order.
+
+    Sorted numbering makes every entity's coefficients come out in the same order in any group.
+    """
+
+    def __init__(self, rows: pd.DataFrame, coefficients: pd.DataFrame):
+        self._row_splits, row_names = _flatten(rows["names"], object)
+        _, row_terms = _flatten(rows["terms"], object)
+        self._coefficient_splits, coefficient_names = _flatten(coefficients["names"], object)
+        _, coefficient_terms = _flatten(coefficients["terms"], object)
+        intercept = np.array([_SEPARATOR.join(INTERCEPT)], dtype=object)
+        codes, self._unique = pd.factorize(
+            np.concatenate([intercept, _keys(row_names, row_terms), _keys(coefficient_names, coefficient_terms)]),
+            sort=True,
+        )
+        self._intercept = codes[0]
+        self._row_ids = codes[1 : 1 + len(row_names)]
+        self._coefficient_ids = codes[1 + len(row_names) :]
+
+    def __len__(self) -> int:
+        return len(self._unique)
+
+    def row_features(self, values: pd.Series) -> sparse.csr_array:
+        """The rows as a CSR matrix over this vocabulary, with the intercept set to 1."""
+        _, flat_values = _flatten(values, np.float64)
+        lengths = np.diff(self._row_splits) + 1
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        indices = np.empty(indptr[-1], dtype=np.int64)
+        data = np.empty(indptr[-1])
+        starts = indptr[:-1]
+        indices[starts], data[starts] = self._intercept, 1.0
+        rest = np.ones(indptr[-1], dtype=bool)
+        rest[starts] = False
+        indices[rest], data[rest] = self._row_ids, flat_values
+        return sparse.csr_array((data, indices, indptr), shape=(len(lengths), len(self)))
+
+    def coefficient_ids(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Splits and feature ids of the chosen coefficient rows (``-1`` chooses none: a new entity)."""
+        chosen = which >= 0
+        starts = np.zeros(len(which), dtype=np.int64)
+        lengths = np.zeros(len(which), dtype=np.int64)
+        starts[chosen] = self._coefficient_splits[which[chosen]]
+        lengths[chosen] = self._coefficient_splits[which[chosen] + 1] - starts[chosen]
+        splits = np.concatenate([[0], np.cumsum(lengths)])
+        # Each chosen segment's positions: its start plus 0, 1, ... (ranges without a loop).
+        offsets = np.repeat(starts - splits[:-1], lengths)
+        return splits, self._coefficient_ids[offsets + np.arange(splits[-1])]
+
+    def name_terms(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        split = pd.Series(self._unique.take(ids)).str.split(_SEPARATOR, n=1, regex=False)
+        return split.str[0].to_numpy(dtype=object), split.str[1].to_numpy(dtype=object)
+
+
+def _keys(names: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    return (pd.Series(names, dtype=object) + _SEPARATOR + pd.Series(terms, dtype=object)).to_numpy(dtype=object)
+
+
+def _flatten(column: pd.Series, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Splits and concatenated values of a column of arrays (a missing array counts as empty)."""
+    arrays = [np.zeros(0, dtype=dtype) if item is None else np.asarray(item, dtype=dtype) for item in column]
+    lengths = np.fromiter((len(array) for array in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    return np.concatenate([[0], np.cumsum(lengths)]), flat
+
+
+def _segments(entity_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entities in order (rows are sorted by entity) and their row splits."""
+    starts = np.flatnonzero(np.r_[True, entity_ids[1:] != entity_ids[:-1]])
+    return entity_ids[starts], np.append(starts, len(entity_ids))
+
+
+def _empty(fields: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame({name: [] for name, _ in fields})
