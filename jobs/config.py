@@ -336,7 +336,7 @@ def _nested(path: list[str], value: Any, tree: Any) -> Any:
         return value
     head, rest = path[0], path[1:]
     current = tree.get(head) if isinstance(tree, dict) else None
-    if isinstance(current, list):
+    if isinstance(current, list) and rest:
         index = _list_index(current, head, rest)
         items = list(current)
         items[index] = _merge(items[index], _nested(rest[1:], value, items[index]))
@@ -345,8 +345,6 @@ def _nested(path: list[str], value: Any, tree: Any) -> Any:
 
 
 def _list_index(items: list, head: str, rest: list[str]) -> int:
-    if not rest:
-        raise ConfigError(f"override of {head!r} must name an item: {head}.<index or name>.<key>=value")
     selector = rest[0]
     if selector.isdigit() and int(selector) < len(items):
         return int(selector)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType
+from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType, TimestampType
 
 from jobs.config import ModelConfig
 from jobs.schemas import FEATURES, bag_column, events_schema, feature_bags
@@ -44,27 +44,49 @@ def raw_schema(model: ModelConfig) -> StructType:
     return StructType(fields)
 
 
+def typed_raw_schema(model: ModelConfig) -> StructType:
+    """The raw fields as typed files (parquet) hold them: the event time is a timestamp."""
+    return StructType(
+        [StructField(f.name, TimestampType()) if f.name == "event_time" else f for f in raw_schema(model).fields]
+    )
+
+
 def parse_events(raw: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEvents:
     """Split raw events into valid rows (tagged with ``batch_id``) and rejected rows with a reason."""
-    candidates = _from_text(raw, model) if raw.columns == [TEXT_COLUMN] else _from_columns(raw, model)
-    candidates = candidates.withColumn("reason", _reason(model))
-    # Among otherwise valid events sharing an id, the earliest (then the smallest payload) is the original.
+    return split_events(classify_events(raw, model), model, batch_id)
+
+
+def classify_events(raw: DataFrame, model: ModelConfig) -> DataFrame:
+    """Every raw event with its parsed fields and ``reason`` (null when valid), materialised: parsing, done once."""
+    text = raw.columns == [TEXT_COLUMN]
+    candidates = _from_text(raw, model) if text else _from_columns(raw, model)
+    candidates = candidates.withColumn("reason", _reason(model)).localCheckpoint(eager=True)
+    valid = candidates.where(F.col("reason").isNull())
+    counts = valid.agg(F.count("*").alias("events"), F.countDistinct("event_id").alias("ids")).first()
+    if counts.events == counts.ids:
+        return candidates  # the usual batch: no repeated id, no sort needed
+    # Among otherwise valid events sharing an id, the earliest is the original (ties: by a hash of the payload).
     first_occurrence = Window.partitionBy("event_id", F.col("reason").isNull()).orderBy(
-        F.col("event_time").asc_nulls_last(), F.col("payload")
+        F.col("event_time").asc_nulls_last(), F.col("_order")
     )
     duplicate = F.col("reason").isNull() & (F.row_number().over(first_occurrence) > 1)
-    candidates = candidates.withColumn(
-        "reason", F.when(duplicate, F.lit("duplicate_event_id")).otherwise(F.col("reason"))
-    )
+    marked = candidates.withColumn("reason", F.when(duplicate, F.lit("duplicate_event_id")).otherwise(F.col("reason")))
+    return marked.localCheckpoint(eager=True)
+
+
+def split_events(candidates: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEvents:
+    """Classified events as events-table rows and quarantine rows."""
     now = F.current_timestamp()
     valid = candidates.where(F.col("reason").isNull()).select(
         *[_valid_column(field.name, model) for field in events_schema(model).fields[:-2]],
         F.lit(batch_id).cast("long").alias("batch_id"),
         now.alias("ingested_at"),
     )
+    # Typed input becomes JSON text only for the rows that need it: the rejected ones.
+    payload = F.col("_payload") if "_payload" in candidates.columns else F.to_json(F.col("_raw"))
     rejected = candidates.where(F.col("reason").isNotNull()).select(
         F.lit(batch_id).cast("long").alias("batch_id"),
-        F.col("payload"),
+        payload.alias("payload"),
         F.col("reason"),
         now.alias("quarantined_at"),
     )
@@ -74,16 +96,13 @@ def parse_events(raw: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEve
 def _from_text(raw: DataFrame, model: ModelConfig) -> DataFrame:
     schema = StructType([*raw_schema(model).fields, StructField(CORRUPT, StringType())])
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
-    parsed = raw.select(F.col(TEXT_COLUMN).alias("payload"), F.from_json(TEXT_COLUMN, schema, options).alias("e"))
-    malformed = F.col(f"e.{CORRUPT}").isNotNull() | (F.trim(F.coalesce(F.col("payload"), F.lit(""))) == "")
+    parsed = raw.select(F.col(TEXT_COLUMN).alias("_payload"), F.from_json(TEXT_COLUMN, schema, options).alias("e"))
+    malformed = F.col(f"e.{CORRUPT}").isNotNull() | (F.trim(F.coalesce(F.col("_payload"), F.lit(""))) == "")
     return parsed.select(
-        "payload",
+        "_payload",
+        F.xxhash64("_payload").alias("_order"),
         malformed.alias("malformed"),
-        *[
-            F.col(f"e.{field.name}").alias(field.name)
-            for field in raw_schema(model).fields
-            if field.name != "event_time"
-        ],
+        *[F.col(f"e.{f.name}").alias(f.name) for f in raw_schema(model).fields if f.name != "event_time"],
         F.try_to_timestamp(F.col("e.event_time")).alias("event_time"),
     )
 
@@ -98,8 +117,13 @@ def _from_columns(raw: DataFrame, model: ModelConfig) -> DataFrame:
         return F.col(field.name).try_cast(field.dataType).alias(field.name)
 
     time = F.col("event_time").try_cast("timestamp") if "event_time" in present else F.lit(None).cast("timestamp")
+    # Maps cannot be hashed; their entries can.
+    hashable = [
+        F.map_entries(field.name) if isinstance(field.dataType, MapType) else F.col(field.name) for field in raw.schema
+    ]
     return raw.select(
-        F.to_json(F.struct(*[F.col(c) for c in raw.columns])).alias("payload"),
+        F.struct(*[F.col(c) for c in raw.columns]).alias("_raw"),
+        F.xxhash64(*hashable).alias("_order"),
         F.lit(False).alias("malformed"),
         *[column(field) for field in raw_schema(model).fields if field.name != "event_time"],
         time.alias("event_time"),
@@ -121,8 +145,18 @@ def _reason(model: ModelConfig) -> Column:
         rules.append((~_finite(F.col(model.fixed_effect.score_column)), "missing_score"))
     bad_feature = F.lit(False)
     for bag in feature_bags(model):
-        features = F.coalesce(F.col("features")[bag], F.array())
-        bad_feature = bad_feature | F.exists(features, lambda f: _blank(f["name"]) | ~_finite(f["value"]))
+        features = F.coalesce(F.col("features")[bag], F.array().cast(FEATURES))
+        # Array functions on the fields, not a lambda per feature: this runs on every event.
+        names, values = features.getField("name"), features.getField("value")
+        bad_feature = (
+            bad_feature
+            | (F.size(F.array_compact(names)) < F.size(names))
+            | F.array_contains(names, "")
+            | (F.size(F.array_compact(values)) < F.size(values))
+            | F.array_contains(values, float("nan"))
+            | F.array_contains(values, float("inf"))
+            | F.array_contains(values, float("-inf"))
+        )
     rules.append((bad_feature, "bad_feature"))
     reason = F.lit(None).cast("string")
     for broken, name in reversed(rules):
@@ -146,13 +180,16 @@ def _valid_column(name: str, model: ModelConfig) -> Column:
     for bag in feature_bags(model):
         if name == bag_column(bag):
             features = F.coalesce(F.col("features")[bag], F.array().cast(FEATURES))
+            terms = features.getField("term")
+            # A missing term is the empty term; the lambda runs only on the (rare) bags that have one.
             normalised = F.transform(
                 features,
                 lambda f: F.struct(
                     f["name"].alias("name"), F.coalesce(f["term"], F.lit("")).alias("term"), f["value"].alias("value")
                 ),
             )
-            return normalised.cast(FEATURES).alias(name)
+            has_missing_term = F.size(F.array_compact(terms)) < F.size(terms)
+            return F.when(has_missing_term, normalised.cast(FEATURES)).otherwise(features).alias(name)
     return F.col(name)
 
 

@@ -26,8 +26,9 @@ from pyspark.sql import functions as F
 
 from jobs.config import FixedEffectConfig
 from lambda_learner.representation import INTERCEPT
-
-_SEPARATOR = "\x1f"
+from udfs.arrays import SEPARATOR
+from udfs.fixed_effect import DENSE_FIELDS, dense_rows
+from udfs.random_effects import ddl
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class FixedEffectModel:
     def score(self, bag: Column) -> Column:
         """``intercept + sum over the bag of value * coefficient`` (0 for a feature the model lacks)."""
         lookup = dict(zip(_keys(self.names, self.terms), self.means, strict=True))
-        intercept = lookup.pop(_SEPARATOR.join(INTERCEPT), 0.0)
+        intercept = lookup.pop(SEPARATOR.join(INTERCEPT), 0.0)
         if not lookup:
             return F.lit(float(intercept))
         table = F.create_map(*[item for key, mean in lookup.items() for item in (F.lit(key), F.lit(float(mean)))])
@@ -50,7 +51,7 @@ class FixedEffectModel:
             F.coalesce(bag, F.array()),
             lambda f: (
                 f["value"]
-                * F.coalesce(F.element_at(table, F.concat(f["name"], F.lit(_SEPARATOR), f["term"])), F.lit(0.0))
+                * F.coalesce(F.element_at(table, F.concat(f["name"], F.lit(SEPARATOR), f["term"])), F.lit(0.0))
             ),
         )
         return F.aggregate(products, F.lit(float(intercept)), lambda total, x: total + x)
@@ -66,7 +67,6 @@ def fit_fixed_effect(rows: DataFrame, task: str, config: FixedEffectConfig) -> F
         .collect()
     )
     keys = _keys([name for name, _ in vocabulary], [term for _, term in vocabulary])
-    dense = _dense_features(keys)
     shifted_label = F.col("label") - F.col("offset")
     total_weight, weighted_label, weighted_square = rows.agg(
         F.sum("weight"), F.sum(F.col("weight") * shifted_label), F.sum(F.col("weight") * shifted_label**2)
@@ -74,7 +74,8 @@ def fit_fixed_effect(rows: DataFrame, task: str, config: FixedEffectConfig) -> F
     if not total_weight or total_weight <= 0:
         raise ValueError("the fixed effect has no training rows with positive weight")
     regularisation = config.penalty / total_weight
-    frame = rows.select("label", "weight", "offset", dense.alias("x"))
+    # Dense once, kept: MLlib and the variances read it several times.
+    frame = rows.mapInPandas(dense_rows(keys), ddl(DENSE_FIELDS)).localCheckpoint(eager=True)
     width = len(keys)
     if task == "logistic":
         with_offset = frame.select(
@@ -123,17 +124,6 @@ def fit_fixed_effect(rows: DataFrame, task: str, config: FixedEffectConfig) -> F
     )
 
 
-def _dense_features(keys: list[str]) -> Column:
-    """The bag as a dense array in ``keys`` order (MLlib takes dense vectors from arrays)."""
-    index = F.create_map(*[item for position, key in enumerate(keys) for item in (F.lit(key), F.lit(position))])
-    positions = F.transform(
-        F.arrays_zip("names", "terms"),
-        lambda f: F.element_at(index, F.concat(f["names"], F.lit(_SEPARATOR), f["terms"])),
-    )
-    by_position = F.map_from_arrays(positions, F.col("values"))
-    return F.transform(F.sequence(F.lit(0), F.lit(len(keys) - 1)), lambda i: F.coalesce(by_position[i], F.lit(0.0)))
-
-
 def _hessian_diagonal(frame: DataFrame, task: str, intercept: float, coefficients: np.ndarray) -> np.ndarray:
     """``sum_i w_i loss''_i x_ij^2`` for the intercept and each feature, in one pass."""
     beta = F.array(*[F.lit(float(c)) for c in coefficients])
@@ -151,4 +141,4 @@ def _hessian_diagonal(frame: DataFrame, task: str, intercept: float, coefficient
 
 
 def _keys(names, terms) -> list[str]:
-    return [f"{name}{_SEPARATOR}{term}" for name, term in zip(names, terms, strict=True)]
+    return [f"{name}{SEPARATOR}{term}" for name, term in zip(names, terms, strict=True)]

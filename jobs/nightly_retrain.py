@@ -42,7 +42,7 @@ from jobs.model import (
     with_game_scores,
 )
 from jobs.random_effects import coefficient_arrays, coefficient_records, random_effect_rows, update_random_effect
-from jobs.schemas import SCORE_COEFFICIENT, bag_column, table_schemas
+from jobs.schemas import FEATURES, SCORE_COEFFICIENT, bag_column, table_schemas
 from jobs.spark import spark_session
 from jobs.tables import Guard, TableStore, open_store
 from lambda_learner import metrics
@@ -174,14 +174,14 @@ _COEFFICIENTS_DDL = "array<struct<name: string, term: string, mean: double, vari
 
 
 def _fixed_effect_rows(frame: DataFrame, bag: str, offset) -> DataFrame:
-    features = F.coalesce(F.col(bag_column(bag)), F.array())
+    features = F.coalesce(F.col(bag_column(bag)), F.array().cast(FEATURES))
     return frame.select(
         "label",
         "weight",
         offset.alias("offset"),
-        F.transform(features, lambda f: f["name"]).alias("names"),
-        F.transform(features, lambda f: f["term"]).alias("terms"),
-        F.transform(features, lambda f: f["value"]).alias("values"),
+        features.getField("name").alias("names"),
+        features.getField("term").alias("terms"),
+        features.getField("value").alias("values"),
     )
 
 

@@ -11,7 +11,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from jobs.config import RandomEffectConfig
-from jobs.schemas import COEFFICIENTS, bag_column
+from jobs.schemas import COEFFICIENTS, FEATURES, bag_column
 from udfs.random_effects import COEFFICIENT_FIELDS, SCORE_FIELDS, UPDATE_FIELDS, UpdateKernel, ddl, score_rows
 
 GROUP = "_group"
@@ -29,7 +29,7 @@ def random_effect_rows(events: DataFrame, random_effect: RandomEffectConfig, off
 
     ``events`` needs ``row_key`` (unique per row) besides the events-table columns.
     """
-    bag = F.coalesce(F.col(bag_column(random_effect.feature_bag)), F.array())
+    bag = F.coalesce(F.col(bag_column(random_effect.feature_bag)), F.array().cast(FEATURES))
     return events.select(
         F.col(random_effect.entity_column).alias("entity_id"),
         F.col("row_key"),
@@ -37,36 +37,35 @@ def random_effect_rows(events: DataFrame, random_effect: RandomEffectConfig, off
         F.col("label"),
         F.col("weight"),
         offset.cast("double").alias("offset"),
-        F.transform(bag, lambda f: f["name"]).alias("names"),
-        F.transform(bag, lambda f: f["term"]).alias("terms"),
-        F.transform(bag, lambda f: f["value"]).alias("values"),
+        # A field of an array of structs is an array (GetArrayStructFields): no lambda per element.
+        bag.getField("name").alias("names"),
+        bag.getField("term").alias("terms"),
+        bag.getField("value").alias("values"),
     )
 
 
 def coefficient_arrays(table: DataFrame) -> DataFrame:
-    """``(entity_id, coefficients)`` as the kernels' parallel arrays (``COEFFICIENT_FIELDS``)."""
-    coefficients = F.col("coefficients")
+    """``(entity_id, coefficients[, updates, rows])`` as the kernels' parallel arrays (``COEFFICIENT_FIELDS``)."""
+    coefficients = F.coalesce(F.col("coefficients"), F.array().cast(COEFFICIENTS))
+
+    def count(column: str) -> Column:
+        return F.coalesce(F.col(column), F.lit(0)).cast("long") if column in table.columns else F.lit(0).cast("long")
+
     return table.select(
         F.col("entity_id"),
-        F.transform(coefficients, lambda c: c["name"]).alias("names"),
-        F.transform(coefficients, lambda c: c["term"]).alias("terms"),
-        F.transform(coefficients, lambda c: c["mean"]).alias("means"),
-        F.transform(coefficients, lambda c: c["variance"]).alias("variances"),
+        coefficients.getField("name").alias("names"),
+        coefficients.getField("term").alias("terms"),
+        coefficients.getField("mean").alias("means"),
+        coefficients.getField("variance").alias("variances"),
+        count("updates").alias("updates"),
+        count("rows").alias("total_rows"),
     )
 
 
 def coefficient_records(arrays: DataFrame) -> Column:
     """The kernels' parallel arrays back into an array of coefficient records."""
-    zipped = F.arrays_zip(F.col("names"), F.col("terms"), F.col("means"), F.col("variances"))
-    return F.transform(
-        zipped,
-        lambda c: F.struct(
-            c["names"].alias("name"),
-            c["terms"].alias("term"),
-            c["means"].alias("mean"),
-            c["variances"].alias("variance"),
-        ),
-    ).cast(COEFFICIENTS)
+    # Zipped structs take the record's field names by position in the cast: no lambda per coefficient.
+    return F.arrays_zip(F.col("names"), F.col("terms"), F.col("means"), F.col("variances")).cast(COEFFICIENTS)
 
 
 def update_random_effect(

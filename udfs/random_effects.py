@@ -18,6 +18,7 @@ from scipy import sparse
 from lambda_learner.batched import BatchedSolver, EntityBatch
 from lambda_learner.losses import Loss
 from lambda_learner.representation import INTERCEPT
+from udfs.arrays import flatten, name_term_codes
 
 ROW_FIELDS = [
     ("entity_id", "string"),
@@ -36,9 +37,13 @@ COEFFICIENT_FIELDS = [
     ("terms", "array<string>"),
     ("means", "array<double>"),
     ("variances", "array<double>"),
+    # The state's counts, handed through to the result so that no join is needed to advance them.
+    ("updates", "long"),
+    ("total_rows", "long"),
 ]
 UPDATE_FIELDS = [
     *COEFFICIENT_FIELDS,
+    ("had_prior", "boolean"),
     ("converged", "boolean"),
     ("iterations", "int"),
     ("rows", "long"),
@@ -46,8 +51,6 @@ UPDATE_FIELDS = [
     ("loss_after", "double"),
 ]
 SCORE_FIELDS = [("row_key", "long"), ("entity_id", "string"), ("score", "double")]
-
-_SEPARATOR = "\x1f"
 
 
 def ddl(fields: list[tuple[str, str]]) -> str:
@@ -87,12 +90,16 @@ class UpdateKernel:
             features=vocabulary.row_features(rows["values"]),
             prior_splits=prior_splits,
             prior_ids=prior_ids,
-            prior_means=_flatten(priors["means"].iloc[prior_rows], np.float64)[1],
-            prior_variances=_flatten(priors["variances"].iloc[prior_rows], np.float64)[1],
+            prior_means=flatten(priors["means"].iloc[prior_rows], np.float64)[1],
+            prior_variances=flatten(priors["variances"].iloc[prior_rows], np.float64)[1],
         )
         result = BatchedSolver(Loss.for_task(self.task), penalty=self.penalty, delta=self.delta).solve(batch)
         names, terms = vocabulary.name_terms(result.coefficient_ids)
         bounds = result.coefficient_splits[1:-1]
+        had_prior = known >= 0
+        counts = {column: np.zeros(len(entities), dtype=np.int64) for column in ("updates", "total_rows")}
+        for column, values in counts.items():
+            values[had_prior] = priors[column].to_numpy()[prior_rows]
         return pd.DataFrame(
             {
                 "entity_id": entities,
@@ -100,6 +107,8 @@ class UpdateKernel:
                 "terms": np.split(terms, bounds),
                 "means": np.split(result.means, bounds),
                 "variances": np.split(result.variances, bounds),
+                **counts,
+                "had_prior": had_prior,
                 "converged": result.converged,
                 "iterations": result.iterations.astype(np.int32),
                 "rows": np.diff(row_splits),
@@ -128,7 +137,7 @@ def score_rows(rows: pd.DataFrame, coefficients: pd.DataFrame) -> pd.DataFrame:
     splits, ids = vocabulary.coefficient_ids(np.arange(len(coefficients)))
     owners = np.repeat(np.arange(len(coefficients)), np.diff(splits))
     # (entity, feature) pairs as sorted integer keys: a lookup without a dense entity x feature table.
-    table = pd.Series(_flatten(coefficients["means"], np.float64)[1], index=owners * width + ids)
+    table = pd.Series(flatten(coefficients["means"], np.float64)[1], index=owners * width + ids)
 
     features = vocabulary.row_features(rows["values"])
     row_of_value = np.repeat(np.arange(len(rows)), np.diff(features.indptr))
@@ -151,25 +160,23 @@ class _Vocabulary:
     """
 
     def __init__(self, rows: pd.DataFrame, coefficients: pd.DataFrame):
-        self._row_splits, row_names = _flatten(rows["names"], object)
-        _, row_terms = _flatten(rows["terms"], object)
-        self._coefficient_splits, coefficient_names = _flatten(coefficients["names"], object)
-        _, coefficient_terms = _flatten(coefficients["terms"], object)
-        intercept = np.array([_SEPARATOR.join(INTERCEPT)], dtype=object)
-        codes, self._unique = pd.factorize(
-            np.concatenate([intercept, _keys(row_names, row_terms), _keys(coefficient_names, coefficient_terms)]),
-            sort=True,
-        )
+        self._row_splits, row_names = flatten(rows["names"], object)
+        _, row_terms = flatten(rows["terms"], object)
+        self._coefficient_splits, coefficient_names = flatten(coefficients["names"], object)
+        _, coefficient_terms = flatten(coefficients["terms"], object)
+        names = np.concatenate([[INTERCEPT[0]], row_names, coefficient_names])
+        terms = np.concatenate([[INTERCEPT[1]], row_terms, coefficient_terms])
+        codes, self._names, self._terms = name_term_codes(names, terms)
         self._intercept = codes[0]
         self._row_ids = codes[1 : 1 + len(row_names)]
         self._coefficient_ids = codes[1 + len(row_names) :]
 
     def __len__(self) -> int:
-        return len(self._unique)
+        return len(self._names)
 
     def row_features(self, values: pd.Series) -> sparse.csr_array:
         """The rows as a CSR matrix over this vocabulary, with the intercept set to 1."""
-        _, flat_values = _flatten(values, np.float64)
+        _, flat_values = flatten(values, np.float64)
         lengths = np.diff(self._row_splits) + 1
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         indices = np.empty(indptr[-1], dtype=np.int64)
@@ -194,20 +201,7 @@ class _Vocabulary:
         return splits, self._coefficient_ids[offsets + np.arange(splits[-1])]
 
     def name_terms(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        split = pd.Series(self._unique.take(ids)).str.split(_SEPARATOR, n=1, regex=False)
-        return split.str[0].to_numpy(dtype=object), split.str[1].to_numpy(dtype=object)
-
-
-def _keys(names: np.ndarray, terms: np.ndarray) -> np.ndarray:
-    return (pd.Series(names, dtype=object) + _SEPARATOR + pd.Series(terms, dtype=object)).to_numpy(dtype=object)
-
-
-def _flatten(column: pd.Series, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Splits and concatenated values of a column of arrays (a missing array counts as empty)."""
-    arrays = [np.zeros(0, dtype=dtype) if item is None else np.asarray(item, dtype=dtype) for item in column]
-    lengths = np.fromiter((len(array) for array in arrays), dtype=np.int64, count=len(arrays))
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
-    return np.concatenate([[0], np.cumsum(lengths)]), flat
+        return self._names[ids], self._terms[ids]
 
 
 def _segments(entity_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,11 @@ def test_command_line_overrides_win():
     assert config.stream.trigger == "processing_time"
 
 
+def test_a_whole_list_can_be_replaced_on_the_command_line():
+    config = load_config(overrides=["model.random_effects=[{name: per_ad, entity_column: ad_id, feature_bag: ad}]"])
+    assert [r.name for r in config.model.random_effects] == ["per_ad"]
+
+
 def test_a_whole_list_can_be_replaced(tmp_path):
     path = tmp_path / "one_type.yaml"
     path.write_text(

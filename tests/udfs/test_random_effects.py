@@ -12,7 +12,7 @@ from lambda_learner import (
     nt_domain_coeffs_to_index_domain_coeffs,
     nt_domain_data_to_index_domain_data,
 )
-from udfs.random_effects import UPDATE_FIELDS, UpdateKernel, score_rows
+from udfs.random_effects import COEFFICIENT_FIELDS, UPDATE_FIELDS, UpdateKernel, score_rows
 
 PENALTY, DELTA = 2.0, 0.7
 
@@ -50,10 +50,12 @@ def random_group(seed: int, entities: int = 6, rows_per_entity=(1, 40)):
                     "terms": np.array(terms, dtype=object),
                     "means": rng.normal(0, 0.5, size=len(terms)),
                     "variances": rng.uniform(0.1, 1.0, size=len(terms)),
+                    "updates": int(rng.integers(1, 5)),
+                    "total_rows": int(rng.integers(10, 100)),
                 }
             )
     rows = pd.DataFrame(records).sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    return rows, pd.DataFrame(priors, columns=["entity_id", "names", "terms", "means", "variances"])
+    return rows, pd.DataFrame(priors, columns=[name for name, _ in COEFFICIENT_FIELDS])
 
 
 def per_entity_update(rows: pd.DataFrame, prior: pd.Series | None) -> dict:
@@ -109,6 +111,9 @@ def test_a_group_update_equals_the_per_entity_update_of_each_entity(seed):
             assert got[name_term][0] == pytest.approx(mean, rel=1e-6, abs=1e-9)
             assert got[name_term][1] == pytest.approx(variance, rel=1e-6)
         assert updated.rows == (rows.entity_id == updated.entity_id).sum()
+        assert updated.had_prior == (prior is not None)
+        if prior is not None:  # the state's counts pass through untouched
+            assert (updated.updates, updated.total_rows) == (prior.updates, prior.total_rows)
         assert updated.loss_after <= updated.loss_before + 1e-9 or prior is None
 
 
