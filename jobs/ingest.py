@@ -29,7 +29,7 @@ def ingest_batch(store: TableStore, config: Config, raw: DataFrame, batch_id: in
     parsed = split_events(classified, config.model, batch_id)
     store.append("quarantine", parsed.rejected, guard=guard)
     store.append("events", parsed.valid, guard=guard)
-    crash_point("nearline:after_events_append")
+    crash_point("nearline:after_events_append", batch_id)
     counts = classified.agg(
         F.count("*").alias("all"), F.count(F.when(F.col("reason").isNull(), 1)).alias("valid")
     ).first()

@@ -163,7 +163,7 @@ class NearlineUpdater:
             LOG.info("batch %d was applied before a restart; nothing to do", batch_id)
             return {}
         seconds: dict[str, float] = {}
-        crash_point("nearline:before_writes")
+        crash_point("nearline:before_writes", batch_id)
         with _timed("ingest", seconds):
             ingested = ingest_batch(store, config, raw, batch_id)
         generation = current_generation(store)
@@ -187,12 +187,12 @@ class NearlineUpdater:
         with _timed("write", seconds):
             values |= {f"seconds.{step}": value for step, value in seconds.items()}
             self._record(batch_id, _number(generation), status, values, guard)
-            crash_point("nearline:after_metrics")
+            crash_point("nearline:after_metrics", batch_id)
             if rebase:
                 store.overwrite("re_state", _state_columns(state), guard=guard)
             else:
                 store.merge("re_state", _state_columns(update.state), ["re_type", "entity_id"], guard=guard)
-            crash_point("nearline:after_state_merge")
+            crash_point("nearline:after_state_merge", batch_id)
         LOG.info(
             "batch %d: %s, %d valid, %d quarantined, %s, %.1f s",
             batch_id,
@@ -228,6 +228,7 @@ class NearlineUpdater:
             batch = events if replayed_id == batch_id else since_cutoff.where(F.col("batch_id") == replayed_id)
             update = apply_events(batch, state, config, generation.fixed_effect, generation.number, replayed_id)
             state = _upserted(state, update.state).localCheckpoint(eager=True)
+        update.values["replayed_batches"] = float(len(replayed))
         return state, update
 
     def _priors_as_state(self, generation: Generation) -> DataFrame:

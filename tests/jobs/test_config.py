@@ -35,7 +35,8 @@ def test_command_line_overrides_win():
     assert config.nearline.entity_buckets == 8
     assert config.random_effect("per_item").delta == 0.95
     assert config.random_effect("per_member").penalty == 2.5
-    assert config.spark.conf == {"spark.sql.ansi.enabled": "false"}
+    assert config.spark.conf["spark.sql.ansi.enabled"] == "false"
+    assert config.spark.conf["spark.driver.memory"] == "6g"  # merged with local.yaml's, not replacing them
     assert config.stream.trigger == "processing_time"
 
 

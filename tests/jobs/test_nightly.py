@@ -1,23 +1,19 @@
 """The nightly job on generated streams with a known truth, in real Delta tables, with real process crashes."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from pyspark.sql import functions as F
 
-from jobs.config import config_to_dict
-from jobs.faults import CRASH_EXIT_CODE, CRASH_VARIABLE
+from jobs.faults import CRASH_EXIT_CODE
 from jobs.ingest import ingest_batch
 from jobs.nightly_retrain import run_nightly
 from jobs.tables import open_store
+from tests.jobs.jobrun import run_job, write_config
 from tests.jobs.streams import (
     IngestedStream,
     config_for,
@@ -198,25 +194,8 @@ def test_a_better_model_is_published(published, spark):
     assert report.validation["full.auc"] >= report.validation["current.auc"] - config.nightly.auc_tolerance
 
 
-def write_config(folder, config):
-    """The settings as a YAML file a job process can read."""
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(config)))
-    return path
-
-
 def nightly_process(config_path, crash_at=None):
-    environment = {key: value for key, value in os.environ.items() if key != CRASH_VARIABLE}
-    if crash_at:
-        environment[CRASH_VARIABLE] = crash_at
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.nightly_retrain", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    return run_job("jobs.nightly_retrain", config_path, crash_at=crash_at)
 
 
 def test_a_crash_before_or_during_publication_leaves_the_current_generation_intact(published, spark, tmp_path):

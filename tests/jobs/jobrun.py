@@ -1,0 +1,69 @@
+"""Running the jobs as real processes, and comparing tables row for row."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from jobs.config import Config, config_to_dict
+from jobs.faults import CRASH_VARIABLE
+
+ROOT = Path(__file__).resolve().parents[2]
+# Wall-clock columns and timings: they differ between any two runs by nature.
+WALL_CLOCK = {"ingested_at", "quarantined_at", "updated_at", "recorded_at", "trained_at"}
+
+
+def write_config(folder: Path, config: Config) -> Path:
+    """The settings as a YAML file a job process reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+def run_job(module: str, config_path: Path, *, crash_at: str | None = None, timeout: float = 600):
+    """``python -m <module> --config <path>`` in a fresh process; the crash point set only if asked."""
+    environment = {key: value for key, value in os.environ.items() if key != CRASH_VARIABLE}
+    if crash_at:
+        environment[CRASH_VARIABLE] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", module, "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def rows(frame, sort_by: list[str]) -> list[dict]:
+    """A table's rows without wall-clock columns, in a stable order, timing figures left out of metric maps."""
+    kept = [column for column in frame.columns if column not in WALL_CLOCK]
+    result = []
+    for row in frame.select(*kept).orderBy(*sort_by).collect():
+        record = row.asDict(recursive=True)
+        if isinstance(record.get("values"), dict):
+            record["values"] = {k: v for k, v in record["values"].items() if not k.startswith("seconds.")}
+        result.append(record)
+    return result
+
+
+def same_rows(left: list[dict], right: list[dict], rel: float = 0.0) -> bool:
+    """Equal row for row; floats equal to ``rel`` (0: exactly)."""
+    return len(left) == len(right) and all(_same(a, b, rel) for a, b in zip(left, right, strict=True))
+
+
+def _same(a, b, rel: float) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=rel * 1e-3)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b, strict=True))
+    return a == b

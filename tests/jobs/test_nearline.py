@@ -1,0 +1,238 @@
+"""The nearline job on real streams, real Delta tables and real, killed and restarted processes."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.config import Config
+from jobs.faults import CRASH_EXIT_CODE
+from jobs.generate import generate
+from jobs.model import current_generation, priors_of, with_game_scores
+from jobs.nearline_update import NearlineUpdater, _upserted, apply_events, run_until_stopped, start
+from jobs.nightly_retrain import run_nightly
+from jobs.schemas import RE_STATE
+from jobs.tables import open_store
+from lambda_learner import metrics
+from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
+from tests.jobs.streams import config_for, stream_spec
+
+TABLE_ORDER = {
+    "events": ["batch_id", "event_id"],
+    "quarantine": ["batch_id", "payload"],
+    "re_state": ["re_type", "entity_id"],
+    "metrics": ["job", "batch_id"],
+}
+
+
+def stream_config(folder, landing, *overrides: str) -> Config:
+    """Local settings reading ``landing`` one file per micro-batch, everything else under ``folder``."""
+    return config_for(
+        folder,
+        f"stream.path={landing}",
+        f"stream.checkpoint={folder / 'checkpoint'}",
+        "stream.trigger=available_now",
+        "stream.max_files_per_trigger=1",
+        *overrides,
+    )
+
+
+def run_stream(spark, config: Config):
+    """The nearline query in this process, until the landing folder is drained."""
+    store = open_store(spark, config.storage)
+    run_until_stopped(start(spark, store, config))
+    return store
+
+
+def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
+    truth = generate(
+        stream_spec(events=1800, slices=6, bad_event_rate=0.05, new_entity_rate=0.03, drift=0.1), tmp_path / "stream"
+    )
+    reference = write_config(tmp_path / "reference", stream_config(tmp_path / "reference", truth.landing))
+    crashed_config = stream_config(tmp_path / "crashed", truth.landing)
+    crashed = write_config(tmp_path / "crashed", crashed_config)
+
+    finished = run_job("jobs.nearline_update", reference)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for point in (
+        "nearline:before_writes@1",
+        "nearline:after_events_append@2",
+        "nearline:after_metrics@3",
+        "nearline:after_state_merge@4",
+    ):
+        killed = run_job("jobs.nearline_update", crashed, crash_at=point)
+        assert killed.returncode == CRASH_EXIT_CODE, (point, killed.stderr[-3000:])
+    restarted = run_job("jobs.nearline_update", crashed)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+
+    expected = open_store(spark, stream_config(tmp_path / "reference", truth.landing).storage)
+    actual = open_store(spark, crashed_config.storage)
+    for table, order in TABLE_ORDER.items():
+        assert same_rows(rows(actual.read(table), order), rows(expected.read(table), order)), table
+    assert actual.read("metrics").count() == 6
+    assert actual.read("events").count() == actual.read("events").select("event_id").distinct().count()
+
+
+def test_bad_events_are_quarantined_exactly_and_the_stream_goes_on(spark, tmp_path):
+    truth = generate(stream_spec(events=1200, slices=3, bad_event_rate=0.2), tmp_path / "stream")
+    store = run_stream(spark, stream_config(tmp_path, truth.landing))
+
+    bad = [json.loads(line) for line in (truth.truth / "bad_events.jsonl").read_text().splitlines()]
+    lines = {path.name: path.read_text().splitlines() for path in truth.landing.glob("part-*")}
+    expected = sorted((lines[event["file"]][event["line"]], event["reason"]) for event in bad)
+    quarantined = sorted((row.payload, row.reason) for row in store.read("quarantine").collect())
+    assert quarantined == expected
+    assert {reason for _, reason in quarantined} >= {"malformed_payload", "duplicate_event_id", "bad_feature"}
+    assert store.read("events").count() + len(bad) == truth.events
+    assert store.read("metrics").count() == 3
+
+
+def test_nearline_updates_track_a_drifting_truth_better_than_the_stale_nightly_model(spark, tmp_path):
+    truth = generate(
+        stream_spec(events=16_000, slices=16, drift=0.25, new_entity_rate=0.03, seed=21), tmp_path / "stream"
+    )
+    config = stream_config(tmp_path, truth.landing, "nightly.holdout_hours=0", "nightly.passes=1")
+    store = open_store(spark, config.storage)
+    updater = NearlineUpdater(store, config)
+    files = sorted(truth.landing.glob("part-*"))
+    for batch_id, path in enumerate(files[:4]):
+        updater.process(spark.read.text(str(path)), batch_id)
+    assert run_nightly(spark, store, config).status == "published"
+    generation = current_generation(store)
+    stale = {r.name: priors_of(store, generation.number, r) for r in config.model.random_effects}
+    before_batches = store.version("re_state")
+
+    progressive, frozen, new_entity_rows = [], [], []
+    for batch_id, path in enumerate(files[4:], start=4):
+        state_before = store.read("re_state", version=store.version("re_state"))
+        updater.process(spark.read.text(str(path)), batch_id)
+        events = store.read("events").where(F.col("batch_id") == batch_id).withColumn("row_key", F.xxhash64("event_id"))
+        live = {r.name: state_before.where(F.col("re_type") == r.name) for r in config.model.random_effects}
+        scored = with_game_scores(events, config, generation.fixed_effect, live, 4).toPandas()
+        old = with_game_scores(events, config, generation.fixed_effect, stale, 4).toPandas()
+        progressive.append(scored)
+        frozen.append(old.set_index("row_key").loc[scored.row_key].reset_index())
+        new_entity_rows.append(scored[~scored.member_id.isin(set(stale["per_member"].toPandas().entity_id))])
+    assert store.version("re_state") == before_batches + len(files) - 4
+
+    def loss_and_auc(frames):
+        frame = (
+            np.concatenate([f.score.to_numpy() for f in frames]),
+            np.concatenate([f.label.to_numpy() for f in frames]),
+        )
+        return metrics.log_loss(*frame), metrics.auc(*frame)
+
+    live_loss, live_auc = loss_and_auc(progressive[2:])
+    stale_loss, stale_auc = loss_and_auc(frozen[2:])
+    # Measured on this stream: progressive log loss 0.493 against the stale model's 0.553 (11% lower),
+    # AUC 0.784 against 0.705.
+    assert live_loss < 0.95 * stale_loss
+    assert live_auc > stale_auc + 0.03
+    # Entities born after the nightly run: in their later batches they beat the fixed effect alone.
+    later = [frame for frame in new_entity_rows[3:] if len(frame)]
+    new_scores = np.concatenate([f.score.to_numpy() for f in later])
+    fixed_only = np.concatenate([f.score_fixed.to_numpy() for f in later])
+    labels = np.concatenate([f.label.to_numpy() for f in later])
+    assert metrics.log_loss(new_scores, labels) < metrics.log_loss(fixed_only, labels)
+
+
+def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losing_an_event(spark, tmp_path):
+    truth = generate(stream_spec(events=3000, slices=12, drift=0.1, new_entity_rate=0.02, seed=5), tmp_path / "stream")
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    config = stream_config(
+        tmp_path,
+        landing,
+        "stream.trigger=processing_time",
+        "stream.processing_time=1 second",
+        "nightly.passes=1",
+        "nightly.holdout_hours=1",
+    )
+    config_path = write_config(tmp_path, config)
+    files = sorted(truth.landing.glob("part-*"))
+
+    def deliver(paths, pause):
+        for path in paths:
+            shutil.copy(path, landing / f".{path.name}")
+            (landing / f".{path.name}").rename(landing / path.name)  # a file source must see whole files
+            time.sleep(pause)
+
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.nearline_update", "--config", str(config_path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = open_store(spark, config.storage)
+    try:
+        deliver(files[:4], pause=4)
+        _wait_for_batches(store, 4)
+        # The nightly run reads the cutoff now and publishes later; batches keep arriving meanwhile.
+        feeder = threading.Thread(target=deliver, args=(files[4:9], 3))
+        feeder.start()
+        report = run_nightly(spark, store, config)
+        feeder.join()
+        deliver(files[9:], pause=3)
+        _wait_for_batches(store, len(files))
+    finally:
+        job.send_signal(signal.SIGTERM)
+        stderr = job.communicate(timeout=120)[1]
+    assert job.returncode == 0, stderr[-3000:]
+    assert report.status == "published"
+
+    generation = current_generation(store)
+    nearline = store.read("metrics").where("job = 'nearline'").orderBy("batch_id").collect()
+    (rebase,) = [row for row in nearline if row.status == "rebased"]
+    assert rebase["values"]["replayed_batches"] >= 1, "the race did not happen: nothing was replayed"
+    assert all(row.generation == generation.number for row in nearline if row.batch_id >= rebase.batch_id)
+
+    # The reference: the generation's priors, then every batch after its cutoff, offline, in order.
+    state = spark.createDataFrame([], RE_STATE)
+    for random_effect in config.model.random_effects:
+        state = state.unionByName(
+            priors_of(store, generation.number, random_effect).select(
+                F.lit(random_effect.name).alias("re_type"),
+                "entity_id",
+                F.lit(generation.number).cast("long").alias("generation"),
+                "coefficients",
+                F.lit(generation.cutoff_batch_id).cast("long").alias("last_batch_id"),
+                F.lit(0).cast("long").alias("updates"),
+                F.lit(0).cast("long").alias("rows"),
+                F.current_timestamp().alias("updated_at"),
+            )
+        )
+    events = store.read("events")
+    later = sorted(
+        r.batch_id
+        for r in events.where(F.col("batch_id") > generation.cutoff_batch_id).select("batch_id").distinct().collect()
+    )
+    for batch_id in later:
+        update = apply_events(
+            events.where(F.col("batch_id") == batch_id),
+            state,
+            config,
+            generation.fixed_effect,
+            generation.number,
+            batch_id,
+        )
+        state = _upserted(state, update.state).localCheckpoint(eager=True)
+    order = TABLE_ORDER["re_state"]
+    assert same_rows(rows(store.read("re_state"), order), rows(state, order), rel=1e-9)
+    assert events.count() == events.select("event_id").distinct().count() == truth.events
+
+
+def _wait_for_batches(store, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = store.read("metrics").where("job = 'nearline'").count() if store.exists("metrics") else 0
+        if done >= count:
+            return
+        time.sleep(1)
+    pytest.fail(f"the stream did not reach {count} batches in {timeout} s")
