@@ -22,6 +22,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -143,6 +144,10 @@ def _type_figures(updated: DataFrame, re_type: str, position: int, types: int) -
     return figures
 
 
+class StopRequestedError(Exception):
+    """A micro-batch refused because the job is stopping: Spark commits nothing, the next start redoes it."""
+
+
 class NearlineUpdater:
     """The body of ``foreachBatch``: one micro-batch, applied to the tables at most once."""
 
@@ -151,9 +156,26 @@ class NearlineUpdater:
         self.config = config
         for name, schema in table_schemas(config.model).items():
             store.create(name, schema)
+        self._lock = threading.Lock()
+        self._busy = False
+        self._stopping = False
 
     def __call__(self, raw: DataFrame, batch_id: int) -> None:
-        self.process(raw, batch_id)
+        with self._lock:
+            if self._stopping:
+                raise StopRequestedError(f"batch {batch_id} left for the next start")
+            self._busy = True
+        try:
+            self.process(raw, batch_id)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def stop_requested(self) -> bool:
+        """From now on refuse new batches; True once no batch is running."""
+        with self._lock:
+            self._stopping = True
+            return not self._busy
 
     def process(self, raw: DataFrame, batch_id: int) -> dict[str, float]:
         config, store = self.config, self.store
@@ -304,11 +326,12 @@ def read_stream(spark: SparkSession, config: Config) -> DataFrame:
     return reader.load(stream.path)
 
 
-def start(spark: SparkSession, store: TableStore, config: Config) -> StreamingQuery:
+def start(spark: SparkSession, updater: NearlineUpdater) -> StreamingQuery:
     """Start the query: one checkpoint, the configured trigger, the updater per micro-batch."""
+    config = updater.config
     writer = (
         read_stream(spark, config)
-        .writeStream.foreachBatch(NearlineUpdater(store, config))
+        .writeStream.foreachBatch(updater)
         .option("checkpointLocation", config.stream.checkpoint)
     )
     if config.stream.trigger == "available_now":
@@ -318,18 +341,23 @@ def start(spark: SparkSession, store: TableStore, config: Config) -> StreamingQu
     return writer.queryName("lambda-learner-nearline").start()
 
 
-def run_until_stopped(query: StreamingQuery) -> None:
+def run_until_stopped(query: StreamingQuery, updater: NearlineUpdater) -> None:
     """Wait for the query; on SIGTERM or SIGINT let the running batch finish, then stop."""
-    stopping = []
+    signalled = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(True))
+        signal.signal(sig, lambda *_: signalled.set())
+    stopping = False
     while query.isActive:
-        query.awaitTermination(1)
-        if stopping and not query.status["isTriggerActive"]:
-            LOG.info("stop requested: no batch running, stopping")
-            query.stop()
-    if query.exception() is not None:
-        raise RuntimeError(f"the nearline query failed: {query.exception()}")
+        query.awaitTermination(0.2)
+        if signalled.is_set() and query.isActive:
+            if not stopping:
+                LOG.info("stop requested: finishing the running batch, then stopping")
+                stopping = True
+            if updater.stop_requested():
+                query.stop()
+    failure = query.exception()
+    if failure is not None and not (stopping and StopRequestedError.__name__ in str(failure)):
+        raise RuntimeError(f"the nearline query failed: {failure}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     config = load_config(args.config, args.overrides)
     spark = spark_session(config.spark)
-    query = start(spark, open_store(spark, config.storage), config)
-    run_until_stopped(query)
+    updater = NearlineUpdater(open_store(spark, config.storage), config)
+    run_until_stopped(start(spark, updater), updater)
     return 0
 
 

@@ -46,9 +46,9 @@ def stream_config(folder, landing, *overrides: str) -> Config:
 
 def run_stream(spark, config: Config):
     """The nearline query in this process, until the landing folder is drained."""
-    store = open_store(spark, config.storage)
-    run_until_stopped(start(spark, store, config))
-    return store
+    updater = NearlineUpdater(open_store(spark, config.storage), config)
+    run_until_stopped(start(spark, updater), updater)
+    return updater.store
 
 
 def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
@@ -236,3 +236,35 @@ def _wait_for_batches(store, count: int, timeout: float = 300) -> None:
             return
         time.sleep(1)
     pytest.fail(f"the stream did not reach {count} batches in {timeout} s")
+
+
+def test_a_stop_signal_lets_the_running_batch_finish(spark, tmp_path):
+    truth = generate(stream_spec(events=2000, slices=4, seed=8), tmp_path / "stream")
+    config = stream_config(tmp_path, truth.landing, "stream.trigger=processing_time", "stream.processing_time=1 second")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.nearline_update", "--config", str(write_config(tmp_path, config))],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = open_store(spark, config.storage)
+    try:
+        # Batch 1 is running once its events are in and its metrics are not: stop it there.
+        deadline = time.monotonic() + 300
+        while not _in_progress(store, batch_id=1):
+            assert time.monotonic() < deadline and job.poll() is None, "batch 1 was never seen running"
+            time.sleep(0.1)
+    finally:
+        job.send_signal(signal.SIGTERM)
+        stderr = job.communicate(timeout=120)[1]
+    assert job.returncode == 0, stderr[-3000:]
+    assert "stop requested" in stderr
+    assert store.read("metrics").where("batch_id = 1").count() == 1
+    assert store.transaction_version("re_state", config.nearline.app_id) == 1
+    assert store.read("metrics").where("batch_id > 1").count() == 0
+
+
+def _in_progress(store, batch_id: int) -> bool:
+    if not store.exists("events") or store.transaction_version("events", "lambda-learner-nearline") != batch_id:
+        return False
+    return store.transaction_version("re_state", "lambda-learner-nearline") != batch_id
