@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[spark,test]"
+	$(BIN)/pip install --quiet -e ".[spark,replay,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -14,9 +14,10 @@ from pyspark.sql import functions as F
 
 from jobs.config import Config, ModelConfig, RandomEffectConfig
 from jobs.fixed_effect import FixedEffectModel
-from jobs.random_effects import coefficient_arrays, random_effect_rows, score_random_effect
+from jobs.random_effects import MEAN_SCORES, coefficient_arrays, score_random_effect, scoring_rows
 from jobs.schemas import bag_column
 from jobs.tables import TableStore
+from udfs.random_effects import ScoreKernel
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,16 @@ def fixed_effect_score(model: ModelConfig, fixed_effect: FixedEffectModel | None
 
 
 def random_effect_score(
-    frame: DataFrame, random_effect: RandomEffectConfig, coefficients: DataFrame, buckets: int | None
+    frame: DataFrame,
+    random_effect: RandomEffectConfig,
+    coefficients: DataFrame,
+    buckets: int | None,
+    kernel: ScoreKernel = MEAN_SCORES,
+    draw_group: Column | None = None,
 ) -> DataFrame:
     """``(row_key, score)``: each row's score under its entity's coefficients (0 for an entity without)."""
-    rows = random_effect_rows(frame, random_effect, F.lit(0.0), seed=0)
-    return score_random_effect(rows, coefficient_arrays(coefficients), buckets).select("row_key", "score")
+    rows = scoring_rows(frame, random_effect, draw_group)
+    return score_random_effect(rows, coefficient_arrays(coefficients), buckets, kernel).select("row_key", "score")
 
 
 def priors_of(store: TableStore, generation: int, random_effect: RandomEffectConfig) -> DataFrame:
@@ -82,13 +88,20 @@ def with_game_scores(
     fixed_effect: FixedEffectModel | None,
     coefficients: dict[str, DataFrame],
     buckets: int | None,
+    kernel: ScoreKernel = MEAN_SCORES,
+    draw_group: Column | None = None,
 ) -> DataFrame:
-    """``frame`` with ``score_fixed``, one ``score_<type>`` per random-effect type, and ``score`` (their sum)."""
+    """``frame`` with ``score_fixed``, one ``score_<type>`` per random-effect type, and ``score`` (their sum).
+
+    ``kernel`` scores with the means or with Thompson draws (one per ``draw_group`` value and entity).
+    """
     scored = frame.withColumn("score_fixed", fixed_effect_score(config.model, fixed_effect))
     total = F.col("score_fixed")
     for random_effect in config.model.random_effects:
         column = score_column(random_effect)
-        scores = random_effect_score(frame, random_effect, coefficients[random_effect.name], buckets)
+        scores = random_effect_score(
+            frame, random_effect, coefficients[random_effect.name], buckets, kernel, draw_group
+        )
         scored = scored.join(scores.withColumnRenamed("score", column), "row_key", "left").fillna(0.0, [column])
         total = total + F.col(column)
     return scored.withColumn("score", total)

@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from jobs.config import RandomEffectConfig
 from jobs.schemas import COEFFICIENTS, FEATURES, bag_column
-from udfs.random_effects import COEFFICIENT_FIELDS, SCORE_FIELDS, UPDATE_FIELDS, UpdateKernel, ddl, score_rows
+from udfs.random_effects import COEFFICIENT_FIELDS, SCORE_FIELDS, UPDATE_FIELDS, ScoreKernel, UpdateKernel, ddl
 
 GROUP = "_group"
 
@@ -44,6 +44,21 @@ def random_effect_rows(events: DataFrame, random_effect: RandomEffectConfig, off
     )
 
 
+def scoring_rows(frame: DataFrame, random_effect: RandomEffectConfig, draw_group: Column | None = None) -> DataFrame:
+    """Rows to score for one random-effect type: entity, ``row_key``, the bag's arrays (and a draw group)."""
+    bag = F.coalesce(F.col(bag_column(random_effect.feature_bag)), F.array().cast(FEATURES))
+    columns = [
+        F.col(random_effect.entity_column).alias("entity_id"),
+        F.col("row_key"),
+        bag.getField("name").alias("names"),
+        bag.getField("term").alias("terms"),
+        bag.getField("value").alias("values"),
+    ]
+    if draw_group is not None:
+        columns.append(draw_group.cast("string").alias("draw_group"))
+    return frame.select(*columns)
+
+
 def coefficient_arrays(table: DataFrame) -> DataFrame:
     """``(entity_id, coefficients[, updates, rows])`` as the kernels' parallel arrays (``COEFFICIENT_FIELDS``)."""
     coefficients = F.coalesce(F.col("coefficients"), F.array().cast(COEFFICIENTS))
@@ -72,15 +87,22 @@ def update_random_effect(
     rows: DataFrame, coefficients: DataFrame, kernel: UpdateKernel, buckets: int | None
 ) -> DataFrame:
     """Each entity with rows, updated from its current coefficients (``UPDATE_FIELDS``)."""
-    # A plain two-argument function: Spark passes the group key to callables it counts three arguments on.
-    return _cogrouped(rows, coefficients, buckets).applyInPandas(
-        lambda group_rows, group_coefficients: kernel(group_rows, group_coefficients), ddl(UPDATE_FIELDS)
-    )
+    return _cogrouped(rows, coefficients, buckets).applyInPandas(_two_arguments(kernel), ddl(UPDATE_FIELDS))
 
 
-def score_random_effect(rows: DataFrame, coefficients: DataFrame, buckets: int | None) -> DataFrame:
-    """Each row's score under its entity's coefficients (``SCORE_FIELDS``)."""
-    return _cogrouped(rows, coefficients, buckets).applyInPandas(score_rows, ddl(SCORE_FIELDS))
+MEAN_SCORES = ScoreKernel()
+
+
+def score_random_effect(
+    rows: DataFrame, coefficients: DataFrame, buckets: int | None, kernel: ScoreKernel = MEAN_SCORES
+) -> DataFrame:
+    """Each row's score under its entity's coefficients (``SCORE_FIELDS``); rows may carry a ``draw_group``."""
+    return _cogrouped(rows, coefficients, buckets).applyInPandas(_two_arguments(kernel), ddl(SCORE_FIELDS))
+
+
+def _two_arguments(kernel):
+    """A plain two-argument function: Spark passes the group key to callables it counts three arguments on."""
+    return lambda group_rows, group_coefficients: kernel(group_rows, group_coefficients)
 
 
 def _cogrouped(rows: DataFrame, coefficients: DataFrame, buckets: int | None):

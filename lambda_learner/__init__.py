@@ -5,7 +5,7 @@ Pure numpy/scipy. The names a user of lambda-learner 0.1.0 knows import from her
 
 from lambda_learner.batched import BatchedSolver, BatchResult, EntityBatch
 from lambda_learner.losses import Loss
-from lambda_learner.metrics import auc, calibration, evaluate, log_loss, per_entity_auc, rmse
+from lambda_learner.metrics import auc, auc_by_entity, calibration, evaluate, log_loss, per_entity_auc, rmse
 from lambda_learner.representation import (
     Feature,
     IndexedDataset,
@@ -16,7 +16,7 @@ from lambda_learner.representation import (
     nt_domain_coeffs_to_index_domain_coeffs,
     nt_domain_data_to_index_domain_data,
 )
-from lambda_learner.scoring import probabilities, sampled_scores, score_linear_model, thompson_sample
+from lambda_learner.scoring import CoefficientTable, probabilities, score_linear_model, table_scores, thompson_sample
 from lambda_learner.trainers import (
     HessianType,
     Trainer,
@@ -30,6 +30,7 @@ from lambda_learner.trainers import (
 __all__ = [
     "BatchResult",
     "BatchedSolver",
+    "CoefficientTable",
     "EntityBatch",
     "Feature",
     "HessianType",
@@ -45,6 +46,7 @@ __all__ = [
     "TrainingMetadata",
     "TrainingRecord",
     "auc",
+    "auc_by_entity",
     "calibration",
     "evaluate",
     "index_domain_coeffs_to_nt_domain_coeffs",
@@ -54,7 +56,7 @@ __all__ = [
     "per_entity_auc",
     "probabilities",
     "rmse",
-    "sampled_scores",
     "score_linear_model",
+    "table_scores",
     "thompson_sample",
 ]

@@ -21,12 +21,20 @@ def per_entity_auc(
 
     Entities whose rows hold only one class have no AUC and are dropped.
     """
+    _, values = auc_by_entity(y_scores, y_targets, entity_ids, weights)
+    return (float(values.mean()) if len(values) else float("nan")), len(values)
+
+
+def auc_by_entity(
+    y_scores: np.ndarray, y_targets: np.ndarray, entity_ids: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each entity's AUC (the entities whose rows hold both classes), as (entity ids, AUCs)."""
     scores, positive, weights = _prepare(y_scores, y_targets, weights)
-    _, entity = np.unique(np.asarray(entity_ids), return_inverse=True)
+    entities, entity = np.unique(np.asarray(entity_ids), return_inverse=True)
     entity = entity.reshape(-1)
-    values = _grouped_auc(scores, positive, weights, entity, int(entity.max(initial=-1)) + 1)
-    defined = values[~np.isnan(values)]
-    return (float(defined.mean()) if len(defined) else float("nan")), len(defined)
+    values = _grouped_auc(scores, positive, weights, entity, len(entities))
+    defined = ~np.isnan(values)
+    return entities[defined], values[defined]
 
 
 def log_loss(

@@ -6,6 +6,8 @@ per-coefficient variances (``1 / precision diagonal``), not the precision itself
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import sparse
 from scipy.special import expit
@@ -54,33 +56,63 @@ def thompson_sample(
     return means + np.sqrt(variances) * rng.standard_normal(shape)
 
 
-def sampled_scores(
-    features: sparse.sparray | sparse.spmatrix | np.ndarray,
+@dataclass(frozen=True)
+class CoefficientTable:
+    """Many entities' coefficients, looked up by (entity, feature) without a dense entity x feature array."""
+
+    width: int
+    keys: np.ndarray
+    means: np.ndarray
+    variances: np.ndarray
+
+    @classmethod
+    def from_segments(
+        cls, splits: np.ndarray, feature_ids: np.ndarray, means: np.ndarray, variances: np.ndarray, width: int
+    ) -> CoefficientTable:
+        """Entity e owns ``feature_ids[splits[e]:splits[e + 1]]`` and their means and variances."""
+        owners = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+        keys = owners * width + np.asarray(feature_ids, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        return cls(width, keys[order], np.asarray(means, float)[order], np.asarray(variances, float)[order])
+
+    def lookup(self, entities: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Means and variances of the pairs; 0 and 0 where an entity lacks the feature (or is -1: unknown)."""
+        wanted = np.asarray(entities, dtype=np.int64) * self.width + np.asarray(features, dtype=np.int64)
+        position = np.minimum(np.searchsorted(self.keys, wanted), max(len(self.keys) - 1, 0))
+        found = (np.asarray(entities) >= 0) & (len(self.keys) > 0)
+        found = found & (self.keys[position] == wanted) if len(self.keys) else found
+        means = np.where(found, self.means[position] if len(self.keys) else 0.0, 0.0)
+        variances = np.where(found, self.variances[position] if len(self.keys) else 0.0, 0.0)
+        return means, variances
+
+
+def table_scores(
+    features: sparse.sparray | sparse.spmatrix,
     offsets: np.ndarray,
     row_entity: np.ndarray,
-    means: np.ndarray,
-    variances: np.ndarray,
+    table: CoefficientTable,
     *,
+    sample: bool = False,
     draw_group: np.ndarray | None = None,
     seed: int | np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Thompson-sampled scores of rows belonging to many entities.
+    """Scores of rows belonging to many entities: means, or one Thompson draw per (draw group, entity).
 
-    ``means`` and ``variances`` are ``(entities, D)`` in the columns of ``features``
-    ``(N, D)``; row i belongs to entity ``row_entity[i]``. Rows with the same
-    ``draw_group`` (for instance one request's candidates) share one draw of each
-    entity's coefficients; without it every row gets its own draw.
+    Row i belongs to entity ``row_entity[i]`` (-1: unknown, it scores its offset alone). With
+    ``sample``, rows with the same ``draw_group`` (one request's candidates, say) share one draw of
+    each entity's coefficients from ``N(mean, variance)``; without a group every row draws its own.
     """
     features = sparse.csr_array(features)
-    row_entity = np.asarray(row_entity)
     num_rows = features.shape[0]
-    draw_group = np.arange(num_rows) if draw_group is None else np.asarray(draw_group)
-    # One draw per (group, entity): rows sharing both share their coefficients.
-    _, draw_of_row = np.unique(np.stack([draw_group, row_entity]), axis=1, return_inverse=True)
-    draw_of_row = draw_of_row.reshape(-1)
-    entity_of_draw = np.zeros(draw_of_row.max(initial=-1) + 1, dtype=np.int64)
-    entity_of_draw[draw_of_row] = row_entity
-    coefficients = thompson_sample(means[entity_of_draw], variances[entity_of_draw], seed=seed)
     rows = np.repeat(np.arange(num_rows), np.diff(features.indptr))
-    products = features.data * coefficients[draw_of_row[rows], features.indices]
-    return np.bincount(rows, weights=products, minlength=num_rows) + np.asarray(offsets, dtype=np.float64)
+    owners = np.asarray(row_entity, dtype=np.int64)[rows]
+    means, variances = table.lookup(owners, features.indices)
+    coefficients = means
+    if sample:
+        group = np.arange(num_rows) if draw_group is None else np.asarray(draw_group)
+        # One standard normal per (group, entity, feature): rows sharing a group and an entity share a draw.
+        _, draw = np.unique(np.stack([group[rows], owners, features.indices]), axis=1, return_inverse=True)
+        noise = np.random.default_rng(seed).standard_normal(draw.max(initial=-1) + 1)
+        coefficients = means + np.sqrt(variances) * noise[draw.reshape(-1)]
+    totals = np.bincount(rows, weights=features.data * coefficients, minlength=num_rows)
+    return totals + np.asarray(offsets, dtype=np.float64)

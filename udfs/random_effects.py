@@ -9,6 +9,7 @@ parallel arrays (``names``, ``terms``, ``values``), coefficients likewise (``nam
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from scipy import sparse
 from lambda_learner.batched import BatchedSolver, EntityBatch
 from lambda_learner.losses import Loss
 from lambda_learner.representation import INTERCEPT
+from lambda_learner.scoring import CoefficientTable, table_scores
 from udfs.arrays import flatten, name_term_codes
 
 ROW_FIELDS = [
@@ -128,29 +130,45 @@ class UpdateKernel:
         return rows.reset_index(drop=True)
 
 
-def score_rows(rows: pd.DataFrame, coefficients: pd.DataFrame) -> pd.DataFrame:
-    """Each row's score under its entity's coefficient means (0 for an entity without coefficients)."""
-    if rows.empty:
-        return _empty(SCORE_FIELDS)
-    vocabulary = _Vocabulary(rows, coefficients)
-    width = len(vocabulary)
-    splits, ids = vocabulary.coefficient_ids(np.arange(len(coefficients)))
-    owners = np.repeat(np.arange(len(coefficients)), np.diff(splits))
-    # (entity, feature) pairs as sorted integer keys: a lookup without a dense entity x feature table.
-    table = pd.Series(flatten(coefficients["means"], np.float64)[1], index=owners * width + ids)
+@dataclass(frozen=True)
+class ScoreKernel:
+    """Each row's score under its entity's coefficients (0 for an entity without any).
 
-    features = vocabulary.row_features(rows["values"])
-    row_of_value = np.repeat(np.arange(len(rows)), np.diff(features.indptr))
-    owner = pd.Index(coefficients["entity_id"]).get_indexer(rows["entity_id"])[row_of_value]
-    means = table.reindex(owner * width + features.indices).to_numpy()
-    contributions = np.where((owner >= 0) & ~np.isnan(means), features.data * np.nan_to_num(means), 0.0)
-    return pd.DataFrame(
-        {
-            "row_key": rows["row_key"].to_numpy(),
-            "entity_id": rows["entity_id"].to_numpy(),
-            "score": np.bincount(row_of_value, weights=contributions, minlength=len(rows)),
-        }
-    )
+    ``thompson``: one draw of each entity's coefficients from ``N(mean, variance)`` per
+    ``draw_group`` value (a request), seeded by ``seed`` and the group's first entity, so a
+    rerun on the same groups draws the same; otherwise the means.
+    """
+
+    thompson: bool = False
+    seed: int = 0
+
+    def __call__(self, rows: pd.DataFrame, coefficients: pd.DataFrame) -> pd.DataFrame:
+        if rows.empty:
+            return _empty(SCORE_FIELDS)
+        vocabulary = _Vocabulary(rows, coefficients)
+        splits, ids = vocabulary.coefficient_ids(np.arange(len(coefficients)))
+        table = CoefficientTable.from_segments(
+            splits,
+            ids,
+            flatten(coefficients["means"], np.float64)[1],
+            flatten(coefficients["variances"], np.float64)[1],
+            len(vocabulary),
+        )
+        owners = pd.Index(coefficients["entity_id"]).get_indexer(rows["entity_id"])
+        draw_group = pd.factorize(rows["draw_group"])[0] if "draw_group" in rows else None
+        first_entity = str(rows["entity_id"].min())
+        scores = table_scores(
+            vocabulary.row_features(rows["values"]),
+            np.zeros(len(rows)),
+            owners,
+            table,
+            sample=self.thompson,
+            draw_group=draw_group,
+            seed=[self.seed, zlib.crc32(first_entity.encode())],
+        )
+        return pd.DataFrame(
+            {"row_key": rows["row_key"].to_numpy(), "entity_id": rows["entity_id"].to_numpy(), "score": scores}
+        )
 
 
 class _Vocabulary:

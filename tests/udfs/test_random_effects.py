@@ -12,7 +12,7 @@ from lambda_learner import (
     nt_domain_coeffs_to_index_domain_coeffs,
     nt_domain_data_to_index_domain_data,
 )
-from udfs.random_effects import COEFFICIENT_FIELDS, UPDATE_FIELDS, UpdateKernel, score_rows
+from udfs.random_effects import COEFFICIENT_FIELDS, UPDATE_FIELDS, ScoreKernel, UpdateKernel
 
 PENALTY, DELTA = 2.0, 0.7
 
@@ -152,7 +152,7 @@ def test_a_group_without_rows_gives_an_empty_frame_with_the_columns():
 
 def test_scores_are_each_rows_dot_product_with_its_entitys_means():
     rows, priors = random_group(8)
-    scored = score_rows(rows, priors).set_index("row_key").loc[rows.row_key]
+    scored = ScoreKernel()(rows, priors).set_index("row_key").loc[rows.row_key]
     by_entity = priors.set_index("entity_id")
     for (_, row), score in zip(rows.iterrows(), scored.score, strict=True):
         if row.entity_id not in by_entity.index:
