@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench demo dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ lint: venv
 test: lint
 	$(BIN)/pytest
 
+demo: venv
+	$(BIN)/python -m jobs.demo --out var/demo
+
 bench: venv
 	$(BIN)/python bench/trainer_throughput.py
 
+# The wheel, the --py-files zip and the executors' packed environment (docs/deploy.md).
+dist: venv
+	$(BIN)/pip install --quiet -e ".[dist]"
+	$(BIN)/python scripts/build_dist.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info var
