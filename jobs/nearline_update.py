@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
@@ -189,13 +190,15 @@ class NearlineUpdater:
         with _timed("ingest", seconds):
             ingested = ingest_batch(store, config, raw, batch_id)
         generation = current_generation(store)
-        based_on = self._state_generation(batch_id)
-        rebase = generation is not None and (based_on is None or generation.number > based_on)
+        # The state is still as it was before this batch: its merge is the batch's last write.
+        state = store.read("re_state")
+        based_on = state.agg(F.max("generation")).first()[0]
+        # A new generation, or an older one current again after a rollback.
+        rebase = generation is not None and generation.number != based_on
         with _timed("update", seconds):
             if rebase:
                 state, update = self._rebase(generation, ingested.events, batch_id)
             else:
-                state = store.read("re_state")
                 update = apply_events(
                     ingested.events, state, config, _fixed_effect(generation), _number(generation), batch_id
                 )
@@ -225,17 +228,6 @@ class NearlineUpdater:
             sum(seconds.values()),
         )
         return values
-
-    def _state_generation(self, batch_id: int) -> int | None:
-        """The generation the state was on before ``batch_id``: the one the previous batch recorded."""
-        previous = (
-            self.store.read("metrics")
-            .where((F.col("job") == "nearline") & (F.col("batch_id") < batch_id))
-            .orderBy(F.col("batch_id").desc())
-            .select("generation")
-            .first()
-        )
-        return None if previous is None else previous.generation
 
     def _rebase(self, generation: Generation, events: DataFrame, batch_id: int) -> tuple[DataFrame, Update]:
         """The state rebuilt from the generation's priors, the batches since its cutoff replayed, then this batch."""
@@ -348,7 +340,10 @@ def run_until_stopped(query: StreamingQuery, updater: NearlineUpdater) -> None:
         signal.signal(sig, lambda *_: signalled.set())
     stopping = False
     while query.isActive:
-        query.awaitTermination(0.2)
+        try:
+            query.awaitTermination(0.2)
+        except StreamingQueryException:
+            break  # judged below: a batch refused while stopping is not a failure
         if signalled.is_set() and query.isActive:
             if not stopping:
                 LOG.info("stop requested: finishing the running batch, then stopping")

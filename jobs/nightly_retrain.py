@@ -99,7 +99,7 @@ def run_nightly(
         validation, publish, reason = _validate(holdout, config, store, current, fixed_effect, coefficients)
     if force_publish or config.nightly.force_publish:
         publish, reason = True, f"forced ({reason})" if reason else "forced"
-    number = 1 if current is None else current.number + 1
+    number = _next_generation_number(store, config, current)
     report = NightlyReport(
         "published" if publish else "kept",
         number if publish else (None if current is None else current.number),
@@ -314,6 +314,16 @@ def _publish(
     )
     store.overwrite("fixed_effect", frame, guard=guard, where=where)
     LOG.info("published generation %d (cutoff batch %d)", number, cutoff)
+
+
+def _next_generation_number(store: TableStore, config: Config, current: Generation | None) -> int:
+    """One above any generation ever published: a rolled-back number (rows deleted) is not reused.
+
+    The publication guard's version remembers the last number even after its rows are gone.
+    """
+    recorded = store.transaction_version("fixed_effect", config.nightly.app_id)
+    last = max(0 if current is None else current.number, 0 if recorded is None else recorded >> 32)
+    return last + 1
 
 
 def publication_guard(config: Config, number: int, cutoff: int) -> Guard:

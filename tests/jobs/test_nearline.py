@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from jobs.config import Config
@@ -268,3 +269,25 @@ def _in_progress(store, batch_id: int) -> bool:
     if not store.exists("events") or store.transaction_version("events", "lambda-learner-nearline") != batch_id:
         return False
     return store.transaction_version("re_state", "lambda-learner-nearline") != batch_id
+
+
+def test_a_rollback_rebases_the_live_model_on_the_generation_current_again(spark, tmp_path):
+    truth = generate(stream_spec(events=1500, slices=5, seed=5), tmp_path / "stream")
+    config = config_for(tmp_path, "nightly.holdout_hours=1", "nightly.passes=1")
+    store = open_store(spark, config.storage)
+    updater = NearlineUpdater(store, config)
+    files = sorted(truth.landing.glob("part-*"))
+    for batch_id, path in enumerate(files[:4]):
+        if batch_id in (2, 3):
+            assert run_nightly(spark, store, config, force_publish=True).generation == batch_id - 1
+        updater.process(spark.read.text(str(path)), batch_id)
+    assert {row.generation for row in store.read("re_state").collect()} == {2}
+
+    for table in ("fixed_effect", "re_priors"):
+        DeltaTable(store.path(table)).delete("generation = 2")
+    updater.process(spark.read.text(str(files[4])), 4)
+
+    (last,) = store.read("metrics").where("job = 'nearline' AND batch_id = 4").collect()
+    assert last.status == "rebased" and last.generation == 1
+    assert last["values"]["replayed_batches"] == 2  # batches 2 and 3, after generation 1's cutoff
+    assert {row.generation for row in store.read("re_state").collect()} == {1}

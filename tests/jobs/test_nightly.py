@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from jobs.faults import CRASH_EXIT_CODE
@@ -224,3 +225,15 @@ def test_a_crash_before_or_during_publication_leaves_the_current_generation_inta
     assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "already_published"
     assert store.read("re_priors").where("generation = 2").count() == len(priors)
     assert store.read("metrics").where("job = 'nightly' AND generation = 2").count() == 1
+
+
+def test_a_rolled_back_generation_number_is_never_reused(published, spark):
+    config, store = published
+    assert run_nightly(spark, store, config).generation == 2
+    for table in ("fixed_effect", "re_priors"):
+        DeltaTable(store.path(table)).delete("generation = 2")  # the rollback of docs/operations.md
+
+    # The same night again: generation 1 is current, so it trains, and publishes under a new number.
+    again = run_nightly(spark, store, config, force_publish=True)
+    assert again.status == "published" and again.generation == 3
+    assert generations(store, "fixed_effect") == [1, 3] and generations(store, "re_priors") == [1, 3]
