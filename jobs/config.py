@@ -1,7 +1,7 @@
 """The jobs' configuration: YAML files plus command-line overrides, loaded into frozen dataclasses.
 
-``conf/base.yaml`` holds every default; an environment file (``conf/local.yaml``,
-``conf/cluster.yaml``, ``conf/databricks.yaml``) overrides some of them, and
+``jobs/base.yaml`` (linked from ``conf/base.yaml``) holds every default; an environment file
+(``conf/local.yaml``, ``conf/cluster.yaml``, ``conf/databricks.yaml``) overrides some of them, and
 ``--set section.key=value`` overrides win over both. Anything unknown or out of
 range is refused at start with one :class:`ConfigError` naming the key and what is
 allowed. docs/configuration.md lists every key.
@@ -14,13 +14,16 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+# The defaults ship inside the package (a zip for --py-files, a wheel on Databricks); in the
+# repository conf/base.yaml links to them.
+DEFAULTS = resources.files("jobs").joinpath("base.yaml")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-BASE_FILE = CONF_DIR / "base.yaml"
 
 
 class ConfigError(ValueError):
@@ -171,8 +174,8 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """``conf/base.yaml``, then ``path`` over it, then ``key.path=value`` overrides."""
-    tree = _read_yaml(BASE_FILE)
-    if path is not None and Path(path).resolve() != BASE_FILE:
+    tree = _parse_yaml(DEFAULTS.read_text(), "jobs/base.yaml")
+    if path is not None and Path(path).resolve() != Path(str(DEFAULTS)).resolve():
         tree = _merge(tree, _read_yaml(Path(path)))
     for override in overrides:
         key, separator, raw = override.partition("=")
@@ -291,15 +294,21 @@ def _check_consistency(config: Config) -> None:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, name: str) -> dict:
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {name!r} is not valid YAML: {error}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"config file {name!r} must hold a mapping at the top level")
     return loaded
 
 
