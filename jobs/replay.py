@@ -210,7 +210,7 @@ def _plots(windows: list[dict], entity_aucs: dict[str, np.ndarray], out: Path) -
     for key, label in (("auc", "AUC"), ("log_loss", "log loss")):
         if not windows or key not in windows[0]["variants"][names[0]]:
             continue
-        figure, axes = plt.subplots(figsize=(8, 4.5))
+        figure, axes = plt.subplots(figsize=(9.5, 4.5))
         for name in names:
             axes.plot(steps, [w["variants"][name][key] for w in windows], marker="o", label=name)
         axes.set_xticks(steps)
@@ -218,13 +218,14 @@ def _plots(windows: list[dict], entity_aucs: dict[str, np.ndarray], out: Path) -
         axes.set_ylabel(label)
         axes.set_title(f"Replay: {label} per window")
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, never over them
         figure.tight_layout()
         figure.savefig(out / f"{key}.png", dpi=110)
         plt.close(figure)
     if any(len(values) for values in entity_aucs.values()):
         figure, axes = plt.subplots(figsize=(8, 4.5))
-        axes.boxplot([entity_aucs[name] for name in names], tick_labels=names)
+        # The triangle is the mean, the per_entity_auc figure of the summary.
+        axes.boxplot([entity_aucs[name] for name in names], tick_labels=names, showmeans=True)
         axes.set_ylabel("AUC of one entity over the scored windows")
         axes.set_title("Replay: per-entity AUC distribution")
         axes.tick_params(axis="x", rotation=20)
