@@ -145,6 +145,25 @@ def _type_figures(updated: DataFrame, re_type: str, position: int, types: int) -
     return figures
 
 
+def priors_as_state(store: TableStore, config: Config, generation: Generation) -> DataFrame:
+    """The generation's priors as re_state rows: where a rebase starts, before any replayed batch."""
+    state = store.spark.createDataFrame([], RE_STATE)
+    for random_effect in config.model.random_effects:
+        state = state.unionByName(
+            priors_of(store, generation.number, random_effect).select(
+                F.lit(random_effect.name).alias("re_type"),
+                "entity_id",
+                F.lit(generation.number).cast("long").alias("generation"),
+                "coefficients",
+                F.lit(generation.cutoff_batch_id).cast("long").alias("last_batch_id"),
+                F.lit(0).cast("long").alias("updates"),
+                F.lit(0).cast("long").alias("rows"),
+                F.current_timestamp().alias("updated_at"),
+            )
+        )
+    return state
+
+
 class StopRequestedError(Exception):
     """A micro-batch refused because the job is stopping: Spark commits nothing, the next start redoes it."""
 
@@ -232,7 +251,7 @@ class NearlineUpdater:
     def _rebase(self, generation: Generation, events: DataFrame, batch_id: int) -> tuple[DataFrame, Update]:
         """The state rebuilt from the generation's priors, the batches since its cutoff replayed, then this batch."""
         config, store = self.config, self.store
-        state = self._priors_as_state(generation).localCheckpoint(eager=True)
+        state = priors_as_state(store, config, generation).localCheckpoint(eager=True)
         since_cutoff = store.read("events").where(
             (F.col("batch_id") > generation.cutoff_batch_id) & (F.col("batch_id") < batch_id)
         )
@@ -244,25 +263,6 @@ class NearlineUpdater:
             state = _upserted(state, update.state).localCheckpoint(eager=True)
         update.values["replayed_batches"] = float(len(replayed))
         return state, update
-
-    def _priors_as_state(self, generation: Generation) -> DataFrame:
-        frames = [
-            priors_of(self.store, generation.number, r).select(
-                F.lit(r.name).alias("re_type"),
-                "entity_id",
-                F.lit(generation.number).cast("long").alias("generation"),
-                "coefficients",
-                F.lit(generation.cutoff_batch_id).cast("long").alias("last_batch_id"),
-                F.lit(0).cast("long").alias("updates"),
-                F.lit(0).cast("long").alias("rows"),
-                F.current_timestamp().alias("updated_at"),
-            )
-            for r in self.config.model.random_effects
-        ]
-        state = self.store.spark.createDataFrame([], RE_STATE)
-        for frame in frames:
-            state = state.unionByName(frame)
-        return state
 
     def _record(self, batch_id: int, generation: int | None, status: str, values: dict, guard: Guard) -> None:
         row = self.store.spark.createDataFrame(

@@ -17,9 +17,15 @@ from jobs.config import Config
 from jobs.faults import CRASH_EXIT_CODE
 from jobs.generate import generate
 from jobs.model import current_generation, priors_of, with_game_scores
-from jobs.nearline_update import NearlineUpdater, _upserted, apply_events, run_until_stopped, start
+from jobs.nearline_update import (
+    NearlineUpdater,
+    _upserted,
+    apply_events,
+    priors_as_state,
+    run_until_stopped,
+    start,
+)
 from jobs.nightly_retrain import run_nightly
-from jobs.schemas import RE_STATE
 from jobs.tables import open_store
 from lambda_learner import metrics
 from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
@@ -195,20 +201,7 @@ def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losi
     assert all(row.generation == generation.number for row in nearline if row.batch_id >= rebase.batch_id)
 
     # The reference: the generation's priors, then every batch after its cutoff, offline, in order.
-    state = spark.createDataFrame([], RE_STATE)
-    for random_effect in config.model.random_effects:
-        state = state.unionByName(
-            priors_of(store, generation.number, random_effect).select(
-                F.lit(random_effect.name).alias("re_type"),
-                "entity_id",
-                F.lit(generation.number).cast("long").alias("generation"),
-                "coefficients",
-                F.lit(generation.cutoff_batch_id).cast("long").alias("last_batch_id"),
-                F.lit(0).cast("long").alias("updates"),
-                F.lit(0).cast("long").alias("rows"),
-                F.current_timestamp().alias("updated_at"),
-            )
-        )
+    state = priors_as_state(store, config, generation)
     events = store.read("events")
     later = sorted(
         r.batch_id
