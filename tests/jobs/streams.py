@@ -70,6 +70,12 @@ def ingest_files(spark, stream: IngestedStream, files: list[Path], first_batch_i
         ingest_batch(stream.store, stream.config, spark.read.text(str(path)), batch_id)
 
 
+def update_on_files(spark, updater, files: list[Path], first_batch_id: int = 0) -> None:
+    """Each landing file as one nearline micro-batch, in order, through ``updater`` (a ``NearlineUpdater``)."""
+    for batch_id, path in enumerate(files, start=first_batch_id):
+        updater.process(spark.read.text(str(path)), batch_id)
+
+
 def truth_coefficients(truth: GroundTruth) -> tuple[dict, pd.DataFrame]:
     """The fixed effect's true coefficients by (name, term), and every entity's at every slice."""
     fixed = json.loads((truth.truth / "fixed_effect.json").read_text())

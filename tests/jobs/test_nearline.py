@@ -29,7 +29,7 @@ from jobs.nightly_retrain import run_nightly
 from jobs.tables import open_store
 from lambda_learner import metrics
 from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
-from tests.jobs.streams import config_for, stream_spec
+from tests.jobs.streams import config_for, stream_spec, update_on_files
 
 TABLE_ORDER = {
     "events": ["batch_id", "event_id"],
@@ -109,8 +109,7 @@ def test_nearline_updates_track_a_drifting_truth_better_than_the_stale_nightly_m
     store = open_store(spark, config.storage)
     updater = NearlineUpdater(store, config)
     files = sorted(truth.landing.glob("part-*"))
-    for batch_id, path in enumerate(files[:4]):
-        updater.process(spark.read.text(str(path)), batch_id)
+    update_on_files(spark, updater, files[:4])
     assert run_nightly(spark, store, config).status == "published"
     generation = current_generation(store)
     stale = {r.name: priors_of(store, generation.number, r) for r in config.model.random_effects}

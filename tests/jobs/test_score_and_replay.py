@@ -15,7 +15,7 @@ from jobs.nightly_retrain import run_nightly
 from jobs.replay import replay
 from jobs.score import read_requests, score_requests
 from jobs.tables import open_store
-from tests.jobs.streams import config_for, stream_spec
+from tests.jobs.streams import config_for, stream_spec, update_on_files
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,9 @@ def live(spark, tmp_path_factory):
     store = open_store(spark, config.storage)
     updater = NearlineUpdater(store, config)
     files = sorted(truth.landing.glob("part-*"))
-    for batch_id, path in enumerate(files[:4]):
-        updater.process(spark.read.text(str(path)), batch_id)
+    update_on_files(spark, updater, files[:4])
     assert run_nightly(spark, store, config).status == "published"
-    for batch_id, path in enumerate(files[4:], start=4):
-        updater.process(spark.read.text(str(path)), batch_id)
+    update_on_files(spark, updater, files[4:], first_batch_id=4)
     return config, store, folder
 
 
