@@ -19,25 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.config import load_config
-from jobs.generate import RandomEffectSpec, StreamSpec, generate
+from common import settings
+
 from jobs.nearline_update import NearlineUpdater
-from jobs.spark import spark_session
-from jobs.tables import open_store
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def settings(tables: Path, *extra: str):
-    return load_config(
-        ROOT / "conf" / "local.yaml",
-        [
-            f"storage.root={tables}",
-            "model.random_effects=[{name: per_member, entity_column: member_id, feature_bag: member}]",
-            "spark.shuffle_partitions=8",
-            *extra,
-        ],
-    )
+from jobs.runtime.session import spark_session
+from jobs.simulate.spec import RandomEffectSpec, StreamSpec
+from jobs.simulate.writers import generate
+from jobs.storage.store import open_store
 
 
 def raw_batch(spark, path: Path):

@@ -19,30 +19,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 from pyspark.sql import functions as F
 
-from jobs.config import load_config
-from jobs.generate import RandomEffectSpec, StreamSpec, generate
-from jobs.ingest import ingest_batch
-from jobs.nightly_retrain import _fit_random_effect, _window, run_nightly
-from jobs.schemas import table_schemas
-from jobs.spark import spark_session
-from jobs.tables import open_store
-
-ROOT = Path(__file__).resolve().parents[1]
+from jobs.game.random_effect import RandomEffect
+from jobs.game.training_data import training_window
+from jobs.nightly_retrain import run_nightly
+from jobs.runtime.session import spark_session
+from jobs.simulate.spec import RandomEffectSpec, StreamSpec
+from jobs.simulate.writers import generate
+from jobs.storage.ingest import ingest_batch
+from jobs.storage.schemas import table_schemas
+from jobs.storage.store import open_store
 
 
 def settings(folder: Path, *extra: str):
-    return load_config(
-        ROOT / "conf" / "local.yaml",
-        [
-            f"storage.root={folder / 'tables'}",
-            "model.random_effects=[{name: per_member, entity_column: member_id, feature_bag: member}]",
-            "nightly.holdout_hours=1",
-            "spark.shuffle_partitions=8",
-            *extra,
-        ],
-    )
+    return common.settings(folder / "tables", "nightly.holdout_hours=1", *extra)
 
 
 def prepare(spark, folder: Path, events: int, entities: int) -> dict:
@@ -92,25 +84,22 @@ def random_effect_step(spark, folder: Path, sample_entities: int) -> dict:
     """The random-effect fit alone on one sample of entities, bucketed and one entity per call."""
     config = settings(folder)
     store = open_store(spark, config.storage)
-    training, _ = _window(store.read("events"), config)
+    training, _ = training_window(store.read("events"), config)
     random_effect = config.model.random_effects[0]
     chosen = training.select("member_id").distinct().orderBy(F.xxhash64("member_id")).limit(sample_entities)
     rows = training.join(chosen, "member_id", "left_semi").withColumn("score_fixed", F.lit(0.0)).localCheckpoint()
-    empty = spark.createDataFrame(
-        [], "entity_id string, coefficients array<struct<name: string, term: string, mean: double, variance: double>>"
-    )
     variants = {
-        "buckets": settings(folder, "nightly.entity_buckets=64"),
-        "one_entity_per_call": settings(folder, "nightly.one_entity_per_call=true"),
+        "buckets": RandomEffect(random_effect, config.model.task, 64, config.nightly.seed),
+        "one_entity_per_call": RandomEffect(random_effect, config.model.task, None, config.nightly.seed),
     }
     # Warm the Python workers (imports, first calls) on a few entities before timing either way.
     few = rows.join(chosen.limit(50), "member_id", "left_semi")
     for variant in variants.values():
-        _fit_random_effect(few, random_effect, F.lit(0.0), empty, variant).count()
+        variant.fit(few, F.lit(0.0)).coefficients.count()
     timings = {}
     for label, variant in variants.items():
         started = time.perf_counter()
-        fitted = _fit_random_effect(rows, random_effect, F.lit(0.0), empty, variant)
+        fitted = variant.fit(rows, F.lit(0.0)).coefficients
         timings[label] = {"seconds": time.perf_counter() - started, "entities": fitted.count()}
     training.unpersist()
     return {

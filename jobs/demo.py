@@ -24,13 +24,16 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from jobs.config import CONF_DIR, Config, load_config
-from jobs.generate import RandomEffectSpec, StreamSpec, generate
-from jobs.nearline_update import NearlineUpdater, run_until_stopped, start
+from jobs.nearline_update import run_nearline
 from jobs.nightly_retrain import run_nightly
+from jobs.runtime.cli import configure_logging
+from jobs.runtime.config import load_config
+from jobs.runtime.session import spark_session
+from jobs.runtime.settings import Config
 from jobs.score import read_requests, score_requests
-from jobs.spark import spark_session
-from jobs.tables import TableStore, open_store
+from jobs.simulate.spec import RandomEffectSpec, StreamSpec
+from jobs.simulate.writers import generate
+from jobs.storage.store import TableStore, open_store
 
 LOG = logging.getLogger("lambda_learner.demo")
 TABLES = ("events", "quarantine", "fixed_effect", "re_priors", "re_state", "metrics")
@@ -55,9 +58,18 @@ def run_demo(out: Path, events: int, slices: int = 12) -> dict:
     truth = generate(spec, out / "stream")
     landing = out / "landing"
     landing.mkdir()
+    # The packaged defaults and conf/local.yaml's settings, so that an installed wheel runs it too.
     config = load_config(
-        CONF_DIR / "local.yaml",
+        None,
         [
+            "spark.master=local[2]",
+            "spark.shuffle_partitions=4",
+            "spark.conf.spark.driver.memory=6g",
+            "storage.backend=delta-rs",
+            "stream.source=files",
+            "stream.format=json",
+            "stream.trigger=available_now",
+            "stream.max_files_per_trigger=1",
             f"storage.root={out / 'tables'}",
             f"stream.path={landing}",
             f"stream.checkpoint={out / 'checkpoint'}",
@@ -68,7 +80,6 @@ def run_demo(out: Path, events: int, slices: int = 12) -> dict:
     )
     spark = spark_session(config.spark)
     store = open_store(spark, config.storage)
-    updater = NearlineUpdater(store, config)
     files = sorted(truth.landing.glob("part-*"))
     thirds = [files[: slices // 3], files[slices // 3 : 2 * slices // 3], files[2 * slices // 3 :]]
     nightly = []
@@ -78,7 +89,7 @@ def run_demo(out: Path, events: int, slices: int = 12) -> dict:
             nightly.append(report)
             LOG.info("nightly run %d: %s (generation %s)", part, report.status, report.generation)
         _deliver(chunk, landing)
-        run_until_stopped(start(spark, updater), updater)
+        run_nearline(spark, store, config)
         LOG.info("nearline: drained %d more files", len(chunk))
     recommendations = _recommend(spark, store, config, files[-1], out)
     return _report(store, config, truth.summary(), nightly, recommendations)
@@ -171,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="var/demo", help="folder for the stream, the tables and the report")
     parser.add_argument("--events", type=int, default=12_000)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    configure_logging()
     out = Path(args.out).resolve()
     report = run_demo(out, args.events)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

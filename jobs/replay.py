@@ -20,7 +20,6 @@ Out come ``replay.json`` (per window and variant: AUC, log loss, per-entity AUC)
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -34,15 +33,16 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.config import Config, load_config
-from jobs.events import parse_events
-from jobs.ingest import ingest_batch
-from jobs.model import current_generation, priors_of, with_game_scores
+from jobs.game.generation import current_generation, priors_of
+from jobs.game.model import with_game_scores
 from jobs.nearline_update import NearlineUpdater
 from jobs.nightly_retrain import run_nightly
-from jobs.schemas import table_schemas
-from jobs.spark import spark_session
-from jobs.tables import open_store
+from jobs.runtime.cli import Job, job_parser, run_job
+from jobs.runtime.settings import Config
+from jobs.storage.ingest import ingest_batch
+from jobs.storage.parsing import parse_events
+from jobs.storage.schemas import table_schemas
+from jobs.storage.store import open_store
 from lambda_learner import metrics
 
 LOG = logging.getLogger("lambda_learner.replay")
@@ -152,7 +152,7 @@ def _raw(spark: SparkSession, path: Path) -> DataFrame:
 def _scores(spark: SparkSession, variant: Variant, events: DataFrame) -> pd.DataFrame:
     """The variant's scores of the window, before it learns from it."""
     config, store = variant.config, open_store(spark, variant.config.storage)
-    generation = current_generation(store)
+    generation = current_generation(store, config.model)
     coefficients = {}
     for random_effect in config.model.random_effects:
         if variant.learns == "nearline" and store.read("re_state").limit(1).count():
@@ -255,23 +255,12 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Replay a time-ordered stream: predict, then learn, per window.")
-    parser.add_argument("--config", default=None, help="environment file over conf/base.yaml (e.g. conf/local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override")
-    parser.add_argument("--stream", required=True, help="folder of time-ordered files, one window each")
-    parser.add_argument("--out", required=True, help="folder for the tables, replay.json, the plots and summary.md")
-    parser.add_argument("--train-files", type=int, default=4, help="windows that train the first generation")
-    parser.add_argument("--deltas", default="0.8", help="forgetting factors of the nearline variants, comma separated")
-    parser.add_argument("--no-ideal", action="store_true", help="skip the retrained-every-window variant")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    config = load_config(args.config, args.overrides)
-    spark = spark_session(config.spark)
+def _replay(job: Job) -> int:
+    args = job.arguments
     files = sorted(path for path in Path(args.stream).iterdir() if path.name.startswith("part-"))
     report = replay(
-        spark,
-        config,
+        job.spark,
+        job.config,
         files,
         Path(args.out),
         train_files=args.train_files,
@@ -280,6 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(json.dumps(report["summary"], indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("Replay a time-ordered stream: predict, then learn, per window.", "replay")
+    parser.add_argument("--stream", required=True, help="folder of time-ordered files, one window each")
+    parser.add_argument("--out", required=True, help="folder for the tables, replay.json, the plots and summary.md")
+    parser.add_argument("--train-files", type=int, default=4, help="windows that train the first generation")
+    parser.add_argument("--deltas", default="0.8", help="forgetting factors of the nearline variants, comma separated")
+    parser.add_argument("--no-ideal", action="store_true", help="skip the retrained-every-window variant")
+    return run_job(parser, _replay, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ ranking them is Thompson sampling, the bandit's explore-exploit step.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -24,12 +23,14 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType
 
-from jobs.config import Config, RandomEffectConfig, load_config
-from jobs.model import current_generation, priors_of, score_column, with_game_scores
-from jobs.schemas import FEATURES, bag_column, feature_bags
-from jobs.spark import spark_session
-from jobs.tables import TableStore, open_store
-from udfs.random_effects import ScoreKernel
+from jobs.game.generation import current_generation, priors_of
+from jobs.game.model import with_game_scores
+from jobs.game.random_effect import score_column
+from jobs.runtime.cli import Job, job_parser, run_job
+from jobs.runtime.settings import Config, RandomEffectConfig
+from jobs.storage.schemas import FEATURES, bag_column, feature_bags
+from jobs.storage.store import TableStore, open_store
+from udfs.entity_kernels import ScoreKernel
 
 LOG = logging.getLogger("lambda_learner.score")
 
@@ -77,7 +78,7 @@ def score_requests(
     top_k: int | None = None,
 ) -> DataFrame:
     """Each request row with its scores (fixed effect, each type, total) and its rank in its request."""
-    generation = current_generation(store)
+    generation = current_generation(store, config.model)
     number = None if generation is None else generation.number
     coefficients = {r.name: live_coefficients(store, r, number) for r in config.model.random_effects}
     scored = with_game_scores(
@@ -97,24 +98,12 @@ def score_requests(
     return ranked.select(*columns, *[score_column(r) for r in config.model.random_effects])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score (and rank) candidate rows with the current GAME model.")
-    parser.add_argument("--config", default=None, help="environment file over conf/base.yaml (e.g. conf/local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override")
-    parser.add_argument("--requests", required=True, help="JSON lines (or .parquet) of request rows")
-    parser.add_argument("--out", required=True, help="where to write the scores (parquet)")
-    parser.add_argument("--thompson", action="store_true", help="Thompson-sample the random effects per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k best rows of each request")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    config = load_config(args.config, args.overrides)
-    spark = spark_session(config.spark)
-    store = open_store(spark, config.storage)
+def _score(job: Job) -> int:
+    args, spark = job.arguments, job.spark
     scores = score_requests(
-        store,
-        config,
-        read_requests(spark, args.requests, config),
+        open_store(job.spark, job.config.storage),
+        job.config,
+        read_requests(spark, args.requests, job.config),
         thompson=args.thompson,
         seed=args.seed,
         top_k=args.top_k,
@@ -128,6 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("Score (and rank) candidate rows with the current GAME model.", "score")
+    parser.add_argument("--requests", required=True, help="JSON lines (or .parquet) of request rows")
+    parser.add_argument("--out", required=True, help="where to write the scores (parquet)")
+    parser.add_argument("--thompson", action="store_true", help="Thompson-sample the random effects per request")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k best rows of each request")
+    return run_job(parser, _score, argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import pandas as pd
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
-from jobs.notebooks import load_settings, show
-from jobs.tables import open_store
+from jobs.runtime.notebooks import load_settings, show
+from jobs.storage.store import open_store
 
 config = load_settings()
 store = open_store(spark, config.storage)

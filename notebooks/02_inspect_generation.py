@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import functions as F
 
-from jobs.model import current_generation
-from jobs.notebooks import load_settings, parameter, show
-from jobs.tables import open_store
+from jobs.game.generation import current_generation
+from jobs.runtime.notebooks import load_settings, parameter, show
+from jobs.storage.store import open_store
 
 config = load_settings()
 store = open_store(spark, config.storage)
-generation = current_generation(store)
+generation = current_generation(store, config.model)
 if generation is None:
     raise LookupError(f"no generation is published under {store.root} yet: run the nightly job first")
 print(f"generation {generation.number}, trained on the micro-batches up to {generation.cutoff_batch_id}")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from jobs.notebooks import load_settings, parameter, show, show_html
 from jobs.replay import replay
+from jobs.runtime.notebooks import load_settings, parameter, show, show_html
 
 config = load_settings(storage_root=False)
 stream = Path(parameter("stream", "/Volumes/main/lambda_learner/replay/landing", "Stream folder (part-* files)"))

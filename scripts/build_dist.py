@@ -29,18 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ZIP_NAME = "lambda_learner_spark.zip"
 ENV_NAME = "lambda_learner_spark_env.tar.gz"
 # What the executors import: pandas and pyarrow for the pandas UDFs, numpy and scipy for the
-# kernels (udfs/ and lambda_learner/), pyyaml because unpickling a UDF defined in jobs/ imports
-# jobs.config. Not pyspark and py4j (Spark puts its own zips on the executors' path), not
+# kernels (udfs/ and lambda_learner/); the settings they unpickle need no YAML (jobs.runtime.settings).
+# Not pyspark and py4j (Spark puts its own zips on the executors' path), not
 # deltalake or delta-spark (the tables are written from the driver).
-EXECUTOR_REQUIREMENTS = ("numpy", "scipy", "pandas", "pyarrow", "pyyaml")
+EXECUTOR_REQUIREMENTS = ("numpy", "scipy", "pandas", "pyarrow")
 # Modules whose functions the jobs ship to the executors; the build imports them with the packed
 # environment, the zip and Spark's own zips only, as an executor would.
 EXECUTOR_MODULES = (
     "udfs.arrays",
-    "udfs.fixed_effect",
-    "udfs.random_effects",
-    "jobs.random_effects",
-    "jobs.fixed_effect",
+    "udfs.dense_features",
+    "udfs.entity_kernels",
+    "jobs.game.random_effect",
+    "jobs.game.fixed_effect",
 )
 # Fixed zip timestamps: the same sources give a byte-identical zip.
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)

@@ -2,12 +2,12 @@
 
 import pytest
 
-from jobs.config import SparkConfig
+from jobs.runtime.settings import SparkConfig
 
 
 @pytest.fixture(scope="session")
 def spark():
-    from jobs.spark import spark_session
+    from jobs.runtime.session import spark_session
 
     session = spark_session(SparkConfig(master="local[2]", app_name="lambda-learner-tests", shuffle_partitions=2))
     yield session

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import load_config
+from jobs.runtime.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = yaml.safe_load((ROOT / "databricks.yml").read_text())

@@ -10,12 +10,13 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from jobs.config import Config
-from jobs.generate import GroundTruth, generate
 from jobs.nearline_update import NearlineUpdater
 from jobs.nightly_retrain import NightlyReport, run_nightly
-from jobs.notebooks import ENVIRONMENT_PREFIX
-from jobs.tables import TableStore, open_store
+from jobs.runtime.notebooks import ENVIRONMENT_PREFIX
+from jobs.runtime.settings import Config
+from jobs.simulate.spec import GroundTruth
+from jobs.simulate.writers import generate
+from jobs.storage.store import TableStore, open_store
 from tests.jobs.streams import config_for, stream_spec
 
 ROOT = Path(__file__).resolve().parents[1]

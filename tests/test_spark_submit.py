@@ -26,7 +26,7 @@ import pytest
 import yaml
 from deltalake import DeltaTable
 
-from jobs.generate import generate
+from jobs.simulate.writers import generate
 from tests.jobs.streams import stream_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def whereabouts(_):
     import pandas
 
     import lambda_learner
-    import udfs.random_effects
+    import udfs.entity_kernels
 
     yield {
         "cwd": os.getcwd(),
@@ -63,7 +63,7 @@ def whereabouts(_):
         "numpy": numpy.__file__,
         "pandas": pandas.__file__,
         "lambda_learner": lambda_learner.__file__,
-        "udfs": udfs.random_effects.__file__,
+        "udfs": udfs.entity_kernels.__file__,
     }
 
 

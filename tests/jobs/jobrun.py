@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import Config, config_to_dict
-from jobs.faults import CRASH_VARIABLE
+from jobs.runtime.faults import CRASH_VARIABLE
+from jobs.runtime.settings import Config, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 # Wall-clock columns and timings: they differ between any two runs by nature.

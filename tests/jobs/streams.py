@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jobs.config import Config, load_config
-from jobs.generate import GroundTruth, RandomEffectSpec, StreamSpec, generate
-from jobs.ingest import ingest_batch
-from jobs.schemas import table_schemas
-from jobs.tables import TableStore, open_store
+from jobs.runtime.config import load_config
+from jobs.runtime.settings import Config
+from jobs.simulate.spec import GroundTruth, RandomEffectSpec, StreamSpec
+from jobs.simulate.writers import generate
+from jobs.storage.ingest import ingest_batch
+from jobs.storage.schemas import table_schemas
+from jobs.storage.store import TableStore, open_store
 
 
 @dataclass

@@ -3,7 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import CONF_DIR, Config, ConfigError, RandomEffectConfig, config_to_dict, load_config
+from jobs.runtime.config import load_config
+from jobs.runtime.errors import ConfigError
+from jobs.runtime.settings import Config, RandomEffectConfig, config_to_dict
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @pytest.mark.parametrize("name", ["base.yaml", "local.yaml", "cluster.yaml", "databricks.yaml"])

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.config import load_config
-from jobs.events import parse_events
-from jobs.schemas import QUARANTINE, events_schema
+from jobs.runtime.config import load_config
+from jobs.storage.parsing import parse_events
+from jobs.storage.schemas import QUARANTINE, events_schema
 
 
 def event(**overrides) -> dict:

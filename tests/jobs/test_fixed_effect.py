@@ -6,8 +6,8 @@ from pyspark.sql import functions as F
 from scipy import optimize
 from scipy.special import expit
 
-from jobs.config import FixedEffectConfig
-from jobs.fixed_effect import fit_fixed_effect
+from jobs.game.fixed_effect import fit_fixed_effect
+from jobs.runtime.settings import FixedEffectConfig
 
 PENALTY = 20.0
 
@@ -106,6 +106,7 @@ def test_the_model_scores_events_in_sql(spark):
         F.arrays_zip("names", "terms", "values"),
         lambda f: F.struct(f["names"].alias("name"), f["terms"].alias("term"), f["values"].alias("value")),
     )
-    scored = frame(spark, X, offsets, weights, labels).select(model.score(bag).alias("score")).toPandas()
+    events = frame(spark, X, offsets, weights, labels).select(bag.alias("features_global"))
+    scored = events.select(model.score().alias("score")).toPandas()
     expected = model.means[0] + X @ np.array(model.means[1:])
     np.testing.assert_allclose(scored.score.to_numpy(), expected, rtol=1e-12, atol=1e-12)

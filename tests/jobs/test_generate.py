@@ -19,7 +19,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.generate import KINDS, RandomEffectSpec, StreamSpec, generate
+from jobs.simulate.spec import KINDS, RandomEffectSpec, StreamSpec
+from jobs.simulate.writers import generate
 from lambda_learner.representation import INTERCEPT
 
 ROOT = Path(__file__).resolve().parents[2]

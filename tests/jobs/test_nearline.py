@@ -13,20 +13,15 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from jobs.config import Config
-from jobs.faults import CRASH_EXIT_CODE
-from jobs.generate import generate
-from jobs.model import current_generation, priors_of, with_game_scores
-from jobs.nearline_update import (
-    NearlineUpdater,
-    _upserted,
-    apply_events,
-    priors_as_state,
-    run_until_stopped,
-    start,
-)
+from jobs.game.generation import current_generation, priors_of
+from jobs.game.incremental import apply_events, priors_as_state, upserted
+from jobs.game.model import with_game_scores
+from jobs.nearline_update import NearlineUpdater, run_nearline
 from jobs.nightly_retrain import run_nightly
-from jobs.tables import open_store
+from jobs.runtime.faults import CRASH_EXIT_CODE
+from jobs.runtime.settings import Config
+from jobs.simulate.writers import generate
+from jobs.storage.store import open_store
 from lambda_learner import metrics
 from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
 from tests.jobs.streams import config_for, stream_spec, update_on_files
@@ -53,9 +48,9 @@ def stream_config(folder, landing, *overrides: str) -> Config:
 
 def run_stream(spark, config: Config):
     """The nearline query in this process, until the landing folder is drained."""
-    updater = NearlineUpdater(open_store(spark, config.storage), config)
-    run_until_stopped(start(spark, updater), updater)
-    return updater.store
+    store = open_store(spark, config.storage)
+    run_nearline(spark, store, config)
+    return store
 
 
 def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
@@ -111,7 +106,7 @@ def test_nearline_updates_track_a_drifting_truth_better_than_the_stale_nightly_m
     files = sorted(truth.landing.glob("part-*"))
     update_on_files(spark, updater, files[:4])
     assert run_nightly(spark, store, config).status == "published"
-    generation = current_generation(store)
+    generation = current_generation(store, config.model)
     stale = {r.name: priors_of(store, generation.number, r) for r in config.model.random_effects}
     before_batches = store.version("re_state")
 
@@ -193,7 +188,7 @@ def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losi
     assert job.returncode == 0, stderr[-3000:]
     assert report.status == "published"
 
-    generation = current_generation(store)
+    generation = current_generation(store, config.model)
     nearline = store.read("metrics").where("job = 'nearline'").orderBy("batch_id").collect()
     (rebase,) = [row for row in nearline if row.status == "rebased"]
     assert rebase["values"]["replayed_batches"] >= 1, "the race did not happen: nothing was replayed"
@@ -215,7 +210,7 @@ def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losi
             generation.number,
             batch_id,
         )
-        state = _upserted(state, update.state).localCheckpoint(eager=True)
+        state = upserted(state, update.state).localCheckpoint(eager=True)
     order = TABLE_ORDER["re_state"]
     assert same_rows(rows(store.read("re_state"), order), rows(state, order), rel=1e-9)
     assert events.count() == events.select("event_id").distinct().count() == truth.events

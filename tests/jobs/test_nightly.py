@@ -10,10 +10,10 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from jobs.faults import CRASH_EXIT_CODE
-from jobs.ingest import ingest_batch
 from jobs.nightly_retrain import run_nightly
-from jobs.tables import open_store
+from jobs.runtime.faults import CRASH_EXIT_CODE
+from jobs.storage.ingest import ingest_batch
+from jobs.storage.store import open_store
 from tests.jobs.jobrun import run_job, write_config
 from tests.jobs.streams import (
     IngestedStream,

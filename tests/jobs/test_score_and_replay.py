@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.generate import generate
-from jobs.model import current_generation
+from jobs.game.generation import current_generation
 from jobs.nearline_update import NearlineUpdater
 from jobs.nightly_retrain import run_nightly
 from jobs.replay import replay
 from jobs.score import read_requests, score_requests
-from jobs.tables import open_store
+from jobs.simulate.writers import generate
+from jobs.storage.store import open_store
 from tests.jobs.streams import config_for, stream_spec, update_on_files
 
 
@@ -55,7 +55,7 @@ def test_mean_scores_add_the_fixed_effect_and_each_entitys_live_coefficients_pri
         config = config_for(tmp_path, "nightly.holdout_hours=1")
         store = open_store(spark, config.storage)
         store.overwrite("re_state", store.read("re_state").limit(0))
-    generation = current_generation(store)
+    generation = current_generation(store, config.model)
     priors = store.read("re_priors").where(F.col("generation") == generation.number)
     member = priors.where("re_type = 'per_member'").orderBy("entity_id").first().entity_id
     item = priors.where("re_type = 'per_item'").orderBy("entity_id").first().entity_id

@@ -22,9 +22,12 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from jobs.config import ConfigError, StorageConfig
-from jobs.spark import delta_available
-from jobs.tables import DELTA_JAR_MISSING, DeltaRsStore, Guard, SparkDeltaStore, TableStore, open_store
+from jobs.runtime.errors import ConfigError
+from jobs.runtime.session import delta_available
+from jobs.runtime.settings import StorageConfig
+from jobs.storage.delta_rs import DeltaRsStore
+from jobs.storage.spark_delta import SparkDeltaStore
+from jobs.storage.store import DELTA_JAR_MISSING, Guard, TableStore, open_store
 
 SCORES = StructType(
     [

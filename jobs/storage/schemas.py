@@ -6,6 +6,8 @@ format, so a notebook reads a model with plain SQL.
 
 from __future__ import annotations
 
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
     DoubleType,
@@ -17,7 +19,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from jobs.config import ModelConfig
+from jobs.runtime.settings import ModelConfig
 
 FEATURE = StructType(
     [
@@ -106,6 +108,17 @@ def bag_column(bag: str) -> str:
     return f"features_{bag}"
 
 
+def bag_arrays(bag: str) -> list[Column]:
+    """The bag's features as three parallel arrays, ``names``, ``terms`` and ``values`` (empty for a missing bag)."""
+    features = F.coalesce(F.col(bag_column(bag)), F.array().cast(FEATURES))
+    # A field of an array of structs is an array (GetArrayStructFields): no lambda per element.
+    return [
+        features.getField("name").alias("names"),
+        features.getField("term").alias("terms"),
+        features.getField("value").alias("values"),
+    ]
+
+
 def feature_bags(model: ModelConfig) -> list[str]:
     """Every bag the model reads, fixed effect first, without repeats."""
     bags = [model.fixed_effect.feature_bag] + [r.feature_bag for r in model.random_effects]
@@ -129,6 +142,23 @@ def events_schema(model: ModelConfig) -> StructType:
         StructField("ingested_at", TimestampType()),
     ]
     return StructType(fields)
+
+
+def metrics_row(
+    spark: SparkSession,
+    job: str,
+    run_id: str,
+    batch_id: int | None,
+    generation: int | None,
+    status: str,
+    values: dict[str, float],
+    note: str | None,
+) -> DataFrame:
+    """One row of the metrics table, recorded now."""
+    row = (job, run_id, batch_id, generation, status, {key: float(value) for key, value in values.items()}, note)
+    return spark.createDataFrame([row], StructType(METRICS.fields[:-1])).withColumn(
+        "recorded_at", F.current_timestamp()
+    )
 
 
 def table_schemas(model: ModelConfig) -> dict[str, StructType]:

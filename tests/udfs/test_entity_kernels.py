@@ -12,7 +12,7 @@ from lambda_learner import (
     nt_domain_coeffs_to_index_domain_coeffs,
     nt_domain_data_to_index_domain_data,
 )
-from udfs.random_effects import COEFFICIENT_FIELDS, UPDATE_FIELDS, ScoreKernel, UpdateKernel
+from udfs.entity_kernels import COEFFICIENT_FIELDS, UPDATE_FIELDS, ScoreKernel, UpdateKernel
 
 PENALTY, DELTA = 2.0, 0.7
 

@@ -1,10 +1,9 @@
-"""The jobs' configuration: YAML files plus command-line overrides, loaded into frozen dataclasses.
+"""The jobs' settings: typed, frozen dataclasses, and how a parsed settings tree becomes them.
 
-``jobs/base.yaml`` (linked from ``conf/base.yaml``) holds every default; an environment file
-(``conf/local.yaml``, ``conf/cluster.yaml``, ``conf/databricks.yaml``) overrides some of them, and
-``--set section.key=value`` overrides win over both. Anything unknown or out of
-range is refused at start with one :class:`ConfigError` naming the key and what is
-allowed. docs/configuration.md lists every key.
+No YAML here: executors unpickle these classes, and need nothing but the standard library for them.
+``jobs.runtime.config`` reads the YAML files and command-line overrides into a tree; :func:`settings_from_tree`
+checks it. Anything unknown or out of range is refused with one :class:`ConfigError` naming the key
+and what is allowed. docs/configuration.md lists every key.
 """
 
 from __future__ import annotations
@@ -12,22 +11,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-# The defaults ship inside the package (a zip for --py-files, a wheel on Databricks); in the
-# repository conf/base.yaml links to them.
-DEFAULTS = resources.files("jobs").joinpath("base.yaml")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
+from jobs.runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -172,16 +160,8 @@ class Config:
         raise KeyError(name)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """``conf/base.yaml``, then ``path`` over it, then ``key.path=value`` overrides."""
-    tree = _parse_yaml(DEFAULTS.read_text(), "jobs/base.yaml")
-    if path is not None and Path(path).resolve() != Path(str(DEFAULTS)).resolve():
-        tree = _merge(tree, _read_yaml(Path(path)))
-    for override in overrides:
-        key, separator, raw = override.partition("=")
-        if not separator or not key:
-            raise ConfigError(f"override {override!r} must look like section.key=value")
-        tree = _merge(tree, _nested(_override_path(key.split(".")), yaml.safe_load(raw) if raw else None, tree))
+def settings_from_tree(tree: Any) -> Config:
+    """The parsed settings tree (defaults, environment file and overrides merged) as checked settings."""
     config = build(Config, tree, "")
     _check_consistency(config)
     return config
@@ -290,77 +270,6 @@ def _check_consistency(config: Config) -> None:
         )
     if config.stream.source == "kafka" and "kafka.bootstrap.servers" not in config.stream.options:
         raise ConfigError("config key 'stream.options' must set kafka.bootstrap.servers when stream.source is kafka")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    return _parse_yaml(text, str(path))
-
-
-def _parse_yaml(text: str, name: str) -> dict:
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {name!r} is not valid YAML: {error}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {name!r} must hold a mapping at the top level")
-    return loaded
-
-
-def _merge(base: Any, overlay: Any) -> Any:
-    """Mappings merge key by key; anything else (lists included) is replaced."""
-    if isinstance(base, dict) and isinstance(overlay, dict):
-        merged = dict(base)
-        for key, value in overlay.items():
-            merged[key] = _merge(base.get(key), value) if key in base else value
-        return merged
-    return overlay
-
-
-def _override_path(parts: list[str]) -> list[str]:
-    """The override's key split along the settings tree: a mapping's own keys may contain dots."""
-    kind: Any = Config
-    for position, part in enumerate(parts):
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(argument for argument in typing.get_args(kind) if argument is not type(None))
-        if dataclasses.is_dataclass(kind):
-            kind = typing.get_type_hints(kind).get(part)
-        elif typing.get_origin(kind) is tuple:
-            kind = typing.get_args(kind)[0]
-        elif typing.get_origin(kind) is Mapping:
-            return [*parts[:position], ".".join(parts[position:])]
-        else:
-            break
-    return parts
-
-
-def _nested(path: list[str], value: Any, tree: Any) -> Any:
-    """An overlay setting ``path`` to ``value``; list items are addressed by index or by their ``name``."""
-    if not path:
-        return value
-    head, rest = path[0], path[1:]
-    current = tree.get(head) if isinstance(tree, dict) else None
-    if isinstance(current, list) and rest:
-        index = _list_index(current, head, rest)
-        items = list(current)
-        items[index] = _merge(items[index], _nested(rest[1:], value, items[index]))
-        return {head: items}
-    return {head: _nested(rest, value, current)}
-
-
-def _list_index(items: list, head: str, rest: list[str]) -> int:
-    selector = rest[0]
-    if selector.isdigit() and int(selector) < len(items):
-        return int(selector)
-    for index, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == selector:
-            return index
-    raise ConfigError(f"config key {head!r} has no item {selector!r}")
 
 
 def _scalar_text(value: Any) -> str:

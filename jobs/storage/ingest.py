@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.config import Config
-from jobs.events import classify_events, split_events
-from jobs.faults import crash_point
-from jobs.tables import Guard, TableStore
+from jobs.runtime.faults import crash_point
+from jobs.runtime.settings import Config
+from jobs.storage.parsing import classify_events, split_events
+from jobs.storage.store import Guard, TableStore
 
 
 @dataclass(frozen=True)

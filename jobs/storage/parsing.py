@@ -14,8 +14,8 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType, TimestampType
 
-from jobs.config import ModelConfig
-from jobs.schemas import FEATURES, bag_column, events_schema, feature_bags
+from jobs.runtime.settings import ModelConfig
+from jobs.storage.schemas import FEATURES, bag_column, events_schema, feature_bags
 
 CORRUPT = "_corrupt_record"
 TEXT_COLUMN = "value"

@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 from pyspark.sql import DataFrame
 
-from jobs.config import Config, load_config
+from jobs.runtime.config import load_config
+from jobs.runtime.settings import Config
 
 ENVIRONMENT_PREFIX = "LAMBDA_LEARNER_NOTEBOOK_"
 # A notebook's working directory on Databricks is its own folder, one below the project's root.

@@ -1,5 +1,9 @@
 """The fixed effect: one global linear model, trained on Spark with MLlib, scored with Spark SQL.
 
+:class:`FixedEffect` is the coordinate (an estimator): ``fit`` returns a model, a
+:class:`FixedEffectModel` or, where an outside model scores the events, an :class:`OutsideScore`;
+either scores a frame with one column expression.
+
 MLlib has no offset for ``LogisticRegression`` or ``LinearRegression``; we give them one exactly:
 
 - logistic: the offset becomes feature 0 with its coefficient bounded to [1, 1] (L-BFGS-B);
@@ -24,23 +28,25 @@ from pyspark.ml.regression import LinearRegression
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from jobs.config import FixedEffectConfig
+from jobs.runtime.settings import FixedEffectConfig
+from jobs.storage.schemas import SCORE_COEFFICIENT, bag_arrays, bag_column
 from lambda_learner.representation import INTERCEPT
 from udfs.arrays import SEPARATOR
-from udfs.fixed_effect import DENSE_FIELDS, dense_rows
-from udfs.random_effects import ddl
+from udfs.dense_features import DENSE_FIELDS, dense_rows
+from udfs.entity_kernels import ddl
 
 
 @dataclass(frozen=True)
 class FixedEffectModel:
-    """Name-term coefficients (the intercept first) with their variances."""
+    """A trained fixed effect: name-term coefficients (the intercept first) with their variances, on one bag."""
 
+    feature_bag: str
     names: tuple[str, ...]
     terms: tuple[str, ...]
     means: tuple[float, ...]
     variances: tuple[float, ...]
 
-    def score(self, bag: Column) -> Column:
+    def score(self) -> Column:
         """``intercept + sum over the bag of value * coefficient`` (0 for a feature the model lacks)."""
         lookup = dict(zip(_keys(self.names, self.terms), self.means, strict=True))
         intercept = lookup.pop(SEPARATOR.join(INTERCEPT), 0.0)
@@ -48,13 +54,75 @@ class FixedEffectModel:
             return F.lit(float(intercept))
         table = F.create_map(*[item for key, mean in lookup.items() for item in (F.lit(key), F.lit(float(mean)))])
         products = F.transform(
-            F.coalesce(bag, F.array()),
+            F.coalesce(F.col(bag_column(self.feature_bag)), F.array()),
             lambda f: (
                 f["value"]
                 * F.coalesce(F.element_at(table, F.concat(f["name"], F.lit(SEPARATOR), f["term"])), F.lit(0.0))
             ),
         )
         return F.aggregate(products, F.lit(float(intercept)), lambda total, x: total + x)
+
+    def coefficient_rows(self) -> list[tuple[str, str, float, float]]:
+        """``(name, term, mean, variance)`` per coefficient, as the fixed_effect table holds them."""
+        return list(zip(self.names, self.terms, self.means, self.variances, strict=True))
+
+
+@dataclass(frozen=True)
+class OutsideScore:
+    """An outside model's score, read from an event column, standing in for the fixed effect."""
+
+    column: str
+
+    def score(self) -> Column:
+        return F.col(self.column)
+
+    def coefficient_rows(self) -> list[tuple[str, str, float, float]]:
+        # One coefficient of 1 on the outside score: the table says what the generation's fixed effect was.
+        return [(*SCORE_COEFFICIENT, 1.0, 0.0)]
+
+
+FixedEffectScorer = FixedEffectModel | OutsideScore
+
+
+@dataclass(frozen=True)
+class FixedEffect:
+    """The fixed-effect coordinate: :meth:`fit` on rows with an offset returns a model that scores events.
+
+    With ``source: score_column`` there is nothing to train: every fit returns the outside score.
+    """
+
+    task: str
+    config: FixedEffectConfig
+    score_column: str = "score_fixed"
+
+    def initial(self) -> FixedEffectScorer:
+        """The fixed effect before any training: the outside score, or a model scoring 0."""
+        if self.config.source == "score_column":
+            return OutsideScore(self.config.score_column)
+        return FixedEffectModel(self.config.feature_bag, (), (), (), ())
+
+    def fit(self, frame: DataFrame, offset: Column, previous: FixedEffectScorer | None = None) -> FixedEffectScorer:
+        """The model minimising the objective on ``frame``'s events with ``offset`` added to each margin."""
+        if self.config.source == "score_column":
+            return self.initial()
+        rows = frame.select("label", "weight", offset.alias("offset"), *bag_arrays(self.config.feature_bag))
+        return fit_fixed_effect(rows, self.task, self.config)
+
+    def with_score(self, frame: DataFrame, model: FixedEffectScorer) -> DataFrame:
+        return frame.withColumn(self.score_column, model.score())
+
+    def from_coefficients(self, rows: list[tuple[str, str, float, float]]) -> FixedEffectScorer:
+        """A published model back from its ``(name, term, mean, variance)`` rows."""
+        if self.config.source == "score_column":
+            return self.initial()
+        ordered = sorted(rows)
+        return FixedEffectModel(
+            self.config.feature_bag,
+            names=tuple(row[0] for row in ordered),
+            terms=tuple(row[1] for row in ordered),
+            means=tuple(row[2] for row in ordered),
+            variances=tuple(row[3] for row in ordered),
+        )
 
 
 def fit_fixed_effect(rows: DataFrame, task: str, config: FixedEffectConfig) -> FixedEffectModel:
@@ -117,6 +185,7 @@ def fit_fixed_effect(rows: DataFrame, task: str, config: FixedEffectConfig) -> F
     ridge = config.penalty * (1.0 - config.elastic_net)
     variances = [1.0 / curvature[0], *(1.0 / (curvature[1:] + ridge))]
     return FixedEffectModel(
+        config.feature_bag,
         names=(INTERCEPT[0], *[name for name, _ in vocabulary]),
         terms=(INTERCEPT[1], *[term for _, term in vocabulary]),
         means=(intercept, *coefficients.tolist()),

@@ -7,7 +7,7 @@ import sys
 
 from pyspark.sql import SparkSession
 
-from jobs.config import SparkConfig
+from jobs.runtime.settings import SparkConfig
 
 LOCAL_DEFAULTS = {
     "spark.sql.session.timeZone": "UTC",

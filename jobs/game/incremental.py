@@ -1,0 +1,134 @@
+"""Incremental updates of the random effects on a batch of events, from a state of live coefficients.
+
+The same function serves live micro-batches, the replay of a rebase and offline references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from jobs.game.fixed_effect import FixedEffectScorer
+from jobs.game.generation import Generation, priors_of
+from jobs.game.model import Coordinates
+from jobs.game.random_effect import RandomEffectModel, coefficient_records
+from jobs.runtime.settings import Config
+from jobs.storage.schemas import RE_STATE
+from jobs.storage.store import TableStore
+
+# Sample keys for the row cap: a fixed seed, so a replayed batch keeps the same rows.
+ROW_CAP_SEED = 29
+
+
+@dataclass
+class Update:
+    """One batch's events applied to a state: the new state rows of the entities it touched, and its figures."""
+
+    state: DataFrame
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def apply_events(
+    events: DataFrame,
+    state: DataFrame,
+    config: Config,
+    fixed_effect: FixedEffectScorer,
+    generation: int | None,
+    batch_id: int,
+) -> Update:
+    """Update each random-effect type in turn on ``events`` (events-table rows) from ``state`` (re_state rows).
+
+    Type k's offset is the fixed effect plus the updated scores of the types before it and the
+    current scores of the types after it.
+    """
+    coordinates = Coordinates.of(config, config.nearline.buckets, ROW_CAP_SEED)
+    random_effects = coordinates.random_effects
+    scored = coordinates.fixed_effect.with_score(
+        events.withColumn("row_key", F.xxhash64("event_id", "batch_id")), fixed_effect
+    )
+    current = {r.name: state.where(F.col("re_type") == r.name) for r in random_effects}
+    # The first type's current scores are never an offset: every other type's are.
+    for random_effect in random_effects[1:]:
+        scored = _materialised(random_effect.with_score(scored, RandomEffectModel(current[random_effect.name])))
+    values: dict[str, float] = {}
+    updated_types = []
+    for position, random_effect in enumerate(random_effects):
+        offset = coordinates.offset_for(random_effect.score_column)
+        updated = _materialised(random_effect.update(scored, offset, current[random_effect.name]))
+        values |= _type_figures(updated, random_effect.name, position, len(random_effects))
+        updated_types.append(_as_state(updated, random_effect.name, generation, batch_id))
+        if position < len(random_effects) - 1:
+            scored = _materialised(random_effect.with_score(scored, RandomEffectModel(updated_types[-1])))
+    new_state = state.limit(0)
+    for frame in updated_types:
+        new_state = new_state.unionByName(frame)
+    return Update(new_state, values)
+
+
+def priors_as_state(store: TableStore, config: Config, generation: Generation) -> DataFrame:
+    """The generation's priors as re_state rows: where a rebase starts, before any replayed batch."""
+    state = store.spark.createDataFrame([], RE_STATE)
+    for random_effect in config.model.random_effects:
+        state = state.unionByName(
+            priors_of(store, generation.number, random_effect).select(
+                F.lit(random_effect.name).alias("re_type"),
+                "entity_id",
+                F.lit(generation.number).cast("long").alias("generation"),
+                "coefficients",
+                F.lit(generation.cutoff_batch_id).cast("long").alias("last_batch_id"),
+                F.lit(0).cast("long").alias("updates"),
+                F.lit(0).cast("long").alias("rows"),
+                F.current_timestamp().alias("updated_at"),
+            )
+        )
+    return state
+
+
+def upserted(state: DataFrame, updates: DataFrame) -> DataFrame:
+    """``state`` with the rows of ``updates`` in place of (or beside) its own."""
+    kept = state.join(updates.select("re_type", "entity_id"), ["re_type", "entity_id"], "left_anti")
+    return kept.unionByName(updates.select(*RE_STATE.fieldNames()))
+
+
+def _materialised(frame: DataFrame) -> DataFrame:
+    return frame.localCheckpoint(eager=True)
+
+
+def _as_state(updated: DataFrame, re_type: str, generation: int | None, batch_id: int) -> DataFrame:
+    """The updated entities as re_state rows; a failed update keeps its prior's coefficients and counts."""
+    converged = F.col("converged")
+    return updated.select(
+        F.lit(re_type).alias("re_type"),
+        "entity_id",
+        F.lit(generation).cast("long").alias("generation"),
+        coefficient_records(updated).alias("coefficients"),
+        F.lit(batch_id).cast("long").alias("last_batch_id"),
+        (F.col("updates") + converged.cast("long")).alias("updates"),
+        (F.col("total_rows") + F.when(converged, F.col("rows")).otherwise(0)).alias("rows"),
+        F.current_timestamp().alias("updated_at"),
+    )
+
+
+def _type_figures(updated: DataFrame, re_type: str, position: int, types: int) -> dict[str, float]:
+    totals = updated.agg(
+        F.count("*").alias("entities"),
+        F.sum((~F.col("had_prior")).cast("long")).alias("new"),
+        F.sum((~F.col("converged")).cast("long")).alias("failed"),
+        F.sum("loss_before").alias("loss_before"),
+        F.sum("loss_after").alias("loss_after"),
+        F.sum("rows").alias("rows"),
+    ).first()
+    figures = {
+        f"entities_updated.{re_type}": float(totals.entities),
+        f"new_entities.{re_type}": float(totals.new or 0),
+        f"failed_updates.{re_type}": float(totals.failed or 0),
+    }
+    rows = float(totals.rows or 0)
+    # The first type's loss before is the whole model's before the batch; the last type's after, after it.
+    if position == 0 and rows:
+        figures["loss_before"] = totals.loss_before / rows
+    if position == types - 1 and rows:
+        figures["loss_after"] = totals.loss_after / rows
+    return figures

@@ -1,0 +1,22 @@
+"""The errors the jobs raise on purpose, in one place.
+
+Each derives from the builtin it stands for, so a caller catching that builtin keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names the key and what is allowed."""
+
+
+class SchemaMismatchError(ValueError):
+    """A table, or a frame written to it, has other columns than expected."""
+
+
+class GenerationNotFoundError(LookupError):
+    """A model generation asked for is not in the tables."""
+
+
+class QueryFailedError(RuntimeError):
+    """A streaming query stopped with an error."""

@@ -1,0 +1,142 @@
+"""The embedded engine: delta-rs writes the tables from Arrow on the driver; Spark reads each snapshot's file list."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
+
+from jobs.runtime.errors import ConfigError
+from jobs.storage.store import Commit, Guard, TableStore, WriteMode, utc_from_millis
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from deltalake import CommitProperties
+    from deltalake import DeltaTable as RsDeltaTable
+
+
+class DeltaRsStore(TableStore):
+    """Tables written by delta-rs (through Arrow, on the driver) and read by Spark from each snapshot's file list.
+
+    Local roots are made absolute so that Spark and delta-rs see the same folder.
+    ``storage_options`` go to every delta-rs call (object-store credentials and endpoints).
+    """
+
+    def __init__(self, spark: SparkSession, root: str, storage_options: Mapping[str, str] | None = None) -> None:
+        local = "://" not in root
+        # delta-rs cannot open a root with '[' or ']' (and decodes '%' in a local one); Spark would
+        # expand the other characters as globs in the file paths it reads.
+        if any(character in root for character in "[]{}*?\\" + ("%" if local else "")):
+            raise ConfigError(f"config key 'storage.root' {root!r} must not contain any of []{{}}*?\\% for delta-rs")
+        if local:
+            root = os.path.abspath(root)
+        super().__init__(spark, root)
+        self.storage_options = dict(storage_options or {})
+        self._scheme = None if local else root.partition("://")[0]
+
+    def exists(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.path(name), storage_options=self.storage_options)
+
+    def schema(self, name: str) -> StructType:
+        return spark_schema(self._table(name))
+
+    def read(self, name: str, *, version: int | None = None) -> DataFrame:
+        table = self._table(name, version)
+        schema = spark_schema(table)
+        # The snapshot's own files: the folder also holds files that later commits removed.
+        paths = [self._spark_path(uri) for uri in table.file_uris()]
+        if not paths:
+            return self.spark.createDataFrame([], schema)
+        return self.spark.read.schema(schema).parquet(*paths)
+
+    def version(self, name: str) -> int:
+        return self._table(name).version()
+
+    def history(self, name: str) -> list[Commit]:
+        newest_first = self._table(name).history()
+        return [
+            Commit(entry["version"], utc_from_millis(entry["timestamp"]), entry["operation"])
+            for entry in reversed(newest_first)
+        ]
+
+    def transaction_version(self, name: str, app_id: str) -> int | None:
+        return self._table(name).transaction_version(app_id)
+
+    def _create(self, name: str, schema: StructType, properties: Mapping[str, str]) -> None:
+        from deltalake import DeltaTable
+        from deltalake import Schema as RsSchema
+
+        DeltaTable.create(
+            self.path(name),
+            RsSchema.from_json(schema.json()),  # Delta's schema JSON is Spark's
+            mode="ignore",
+            configuration=dict(properties),
+            storage_options=self.storage_options,
+        )
+
+    def _write(self, name: str, frame: DataFrame, mode: WriteMode, guard: Guard | None, where: str | None) -> None:
+        from deltalake import write_deltalake
+
+        table = self._table(name)
+        write_deltalake(
+            table, arrow_data(table, frame), mode=mode, predicate=where, commit_properties=commit_properties(guard)
+        )
+
+    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None) -> None:
+        from deltalake import write_deltalake
+
+        table = self._table(name)
+        data = arrow_data(table, frame)
+        if data.num_rows == 0:
+            # delta-rs makes no commit for a merge of no rows, which would drop the guard's transaction.
+            if guard is not None:
+                write_deltalake(table, data, mode="append", commit_properties=commit_properties(guard))
+            return
+        (
+            table.merge(data, condition, source_alias="s", target_alias="t", commit_properties=commit_properties(guard))
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+
+    def _table(self, name: str, version: int | None = None) -> RsDeltaTable:
+        from deltalake import DeltaTable
+
+        return DeltaTable(self.path(name), version=version, storage_options=self.storage_options)
+
+    def _spark_path(self, uri: str) -> str:
+        """A delta-rs file URI as a path Spark reads: percent-decoded, with the root's scheme."""
+        path = unquote(uri)  # delta-rs percent-encodes (a space is %20); Hadoop paths are plain text
+        scheme, separator, rest = path.partition("://")
+        if separator and self._scheme is not None and scheme != self._scheme:
+            path = f"{self._scheme}://{rest}"  # e.g. s3:// back to the root's s3a://
+        return path
+
+
+def spark_schema(table: RsDeltaTable) -> StructType:
+    """A delta-rs table's schema as Spark's (Delta stores its schema in Spark's JSON form)."""
+    return StructType.fromJson(json.loads(table.schema().to_json()))
+
+
+def arrow_data(table: RsDeltaTable, frame: DataFrame) -> pa.Table:
+    """The frame collected to the driver as Arrow, in the table's column order and Arrow types."""
+    import pyarrow as pa
+
+    target = pa.schema(table.schema().to_arrow())
+    return frame.toArrow().select(target.names).cast(target)
+
+
+def commit_properties(guard: Guard | None) -> CommitProperties | None:
+    """delta-rs commit properties recording ``guard``'s transaction in the commit."""
+    from deltalake import CommitProperties, Transaction
+
+    if guard is None:
+        return None
+    return CommitProperties(app_transactions=[Transaction(guard.app_id, guard.version)])

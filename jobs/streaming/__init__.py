@@ -1,0 +1,1 @@
+"""Structured Streaming plumbing: the configured sources, and running a query until it is told to stop."""

@@ -1,0 +1,32 @@
+"""The streaming sources a job reads: landing files, Kafka, Auto Loader or a Delta table."""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
+
+from jobs.runtime.settings import StreamConfig
+from jobs.storage.parsing import TEXT_COLUMN
+
+
+def read_stream(spark: SparkSession, stream: StreamConfig, typed_schema: StructType) -> DataFrame:
+    """The configured source as a streaming frame: JSON text in a ``value`` column, or typed columns.
+
+    ``typed_schema`` is what typed files (parquet) hold.
+    """
+    reader = spark.readStream.options(**stream.options)
+    if stream.max_files_per_trigger is not None:
+        reader = reader.option("maxFilesPerTrigger", stream.max_files_per_trigger)
+    if stream.source == "kafka":
+        return reader.format("kafka").load().select(F.col("value").cast("string").alias(TEXT_COLUMN))
+    if stream.source == "delta":
+        return reader.format("delta").load(stream.path)
+    typed = stream.format == "parquet"
+    if stream.source == "autoloader":
+        reader = reader.format("cloudFiles").option("cloudFiles.format", "parquet" if typed else "text")
+    else:
+        reader = reader.format("parquet" if typed else "text")
+    if typed:
+        reader = reader.schema(typed_schema)
+    return reader.load(stream.path)
