@@ -16,7 +16,14 @@ from lambda_learner.representation import (
     nt_domain_coeffs_to_index_domain_coeffs,
     nt_domain_data_to_index_domain_data,
 )
-from lambda_learner.scoring import CoefficientTable, probabilities, score_linear_model, table_scores, thompson_sample
+from lambda_learner.scoring import (
+    CoefficientTable,
+    hash_strings,
+    probabilities,
+    score_linear_model,
+    table_scores,
+    thompson_sample,
+)
 from lambda_learner.trainers import (
     HessianType,
     Trainer,
@@ -49,6 +56,7 @@ __all__ = [
     "auc_by_entity",
     "calibration",
     "evaluate",
+    "hash_strings",
     "index_domain_coeffs_to_nt_domain_coeffs",
     "log_loss",
     "nt_domain_coeffs_to_index_domain_coeffs",

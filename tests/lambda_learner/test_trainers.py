@@ -159,3 +159,28 @@ def test_extreme_margins_stay_finite():
     assert trainer.loss(np.zeros(1)) == pytest.approx(2000.0)
     updated, loss, metadata = trainer.train()
     assert metadata.converged and np.isfinite(loss) and np.isfinite(updated.theta).all()
+
+
+ALL_TRAINERS = [
+    TrainerSquareLossWithL2,
+    TrainerLogisticLossWithL2,
+    TrainerSequentialBayesianLogisticLossWithL2,
+    TrainerSequentialBayesianSquareLossWithL2,
+]
+
+
+@pytest.mark.parametrize("trainer_class", ALL_TRAINERS)
+def test_one_constructor_with_lambda_learners_defaults(trainer_class):
+    data, model = indexed(random_problem(np.random.default_rng(6)))
+    trainer = trainer_class(training_data=data, initial_model=model)
+    assert trainer.param_reg == 0.0
+    if trainer_class.sequential:
+        assert trainer.hessian_type is HessianType.FULL and trainer.param_delta == 0.8
+        assert trainer_class(training_data=data, initial_model=model, delta=0.3).param_delta == 0.3
+    else:
+        # The plain L2 trainers ignore the prior and, as in lambda-learner 0.1.0, take no delta.
+        assert trainer.hessian_type is HessianType.NONE and trainer.param_delta == 0.0
+        with pytest.raises(TypeError, match="delta"):
+            trainer_class(training_data=data, initial_model=model, delta=0.5)
+    with pytest.raises(TypeError):
+        trainer_class(data, model)  # keyword arguments only
