@@ -8,14 +8,17 @@ and the feature bags (docs/events.md). Its score is the current generation's fix
 plus, per random-effect type, the entity's live coefficients (``re_state``), else its
 prior in the current generation, else nothing (a new entity gets the fixed effect alone).
 With ``--thompson`` each request draws every entity's coefficients once from
-``N(mean, variance)``: the scores of one request's candidates are a consistent sample, so
-ranking them is Thompson sampling, the bandit's explore-exploit step.
+``N(mean, variance)``, and what an entity lacks (every coefficient of a new entity) from the
+prior ``N(0, 1 / penalty)``: the scores of one request's candidates are a consistent sample, so
+ranking them is Thompson sampling, the bandit's explore-exploit step. Without ``--seed`` every
+run draws anew; with it, the same requests get the same draws.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -74,7 +77,7 @@ def score_requests(
     requests: DataFrame,
     *,
     thompson: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     top_k: int | None = None,
 ) -> DataFrame:
     """Each request row with its scores (fixed effect, each type, total) and its rank in its request."""
@@ -87,7 +90,7 @@ def score_requests(
         None if generation is None else generation.fixed_effect,
         coefficients,
         config.nearline.buckets,
-        ScoreKernel(thompson=thompson, seed=seed),
+        ScoreKernel(thompson=thompson, seed=secrets.randbits(63) if seed is None else seed),
         draw_group=F.col("request_id"),
     )
     rank = F.row_number().over(Window.partitionBy("request_id").orderBy(F.col("score").desc(), "row_key"))
@@ -124,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", required=True, help="JSON lines (or .parquet) of request rows")
     parser.add_argument("--out", required=True, help="where to write the scores (parquet)")
     parser.add_argument("--thompson", action="store_true", help="Thompson-sample the random effects per request")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="fix the Thompson draws (default: new ones each run)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k best rows of each request")
     return run_job(parser, _score, argv)
 

@@ -9,7 +9,6 @@ parallel arrays (``names``, ``terms``, ``values``), coefficients likewise (``nam
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +18,8 @@ from scipy import sparse
 from lambda_learner.batched import BatchedSolver, EntityBatch
 from lambda_learner.losses import Loss
 from lambda_learner.representation import INTERCEPT
-from lambda_learner.scoring import CoefficientTable, table_scores
-from udfs.arrays import flatten, name_term_codes
+from lambda_learner.scoring import CoefficientTable, hash_strings, table_scores
+from udfs.arrays import SEPARATOR, flatten, name_term_codes, name_term_keys
 
 ROW_FIELDS = [
     ("entity_id", "string"),
@@ -135,12 +134,15 @@ class ScoreKernel:
     """Each row's score under its entity's coefficients (0 for an entity without any).
 
     ``thompson``: one draw of each entity's coefficients from ``N(mean, variance)`` per
-    ``draw_group`` value (a request), seeded by ``seed`` and the group's first entity, so a
-    rerun on the same groups draws the same; otherwise the means.
+    ``draw_group`` value (a request) and entity, a coefficient the entity lacks (or a whole new
+    entity) from the prior ``N(0, prior_variance)``. A draw is a function of ``seed``, the request,
+    the entity and the feature's name and term only: the same in any bucket, on any executor,
+    different for another request. Otherwise the means (a missing coefficient counts 0).
     """
 
     thompson: bool = False
     seed: int = 0
+    prior_variance: float = 0.0
 
     def __call__(self, rows: pd.DataFrame, coefficients: pd.DataFrame) -> pd.DataFrame:
         if rows.empty:
@@ -154,21 +156,29 @@ class ScoreKernel:
             flatten(coefficients["variances"], np.float64)[1],
             len(vocabulary),
         )
-        owners = pd.Index(coefficients["entity_id"]).get_indexer(rows["entity_id"])
-        draw_group = pd.factorize(rows["draw_group"])[0] if "draw_group" in rows else None
-        first_entity = str(rows["entity_id"].min())
+        entity_ids = rows["entity_id"].to_numpy(dtype=object)
+        owners = pd.Index(coefficients["entity_id"]).get_indexer(entity_ids)
+        # A new entity is an entity of its own, with no coefficients: Thompson draws all of them from the prior.
+        unknown = owners < 0
+        owners[unknown] = len(coefficients) + pd.factorize(entity_ids[unknown])[0]
+        sampling = {}
+        if self.thompson:
+            groups = rows["draw_group"].astype(str) if "draw_group" in rows else rows["row_key"].astype(str)
+            sampling = {
+                "draw_keys": hash_strings((groups + SEPARATOR + rows["entity_id"].astype(str)).to_numpy(dtype=object)),
+                "feature_keys": hash_strings(name_term_keys(*vocabulary.name_terms(np.arange(len(vocabulary))))),
+                "missing_variance": self.prior_variance,
+                "seed": self.seed,
+            }
         scores = table_scores(
             vocabulary.row_features(rows["values"]),
             np.zeros(len(rows)),
             owners,
             table,
             sample=self.thompson,
-            draw_group=draw_group,
-            seed=[self.seed, zlib.crc32(first_entity.encode())],
+            **sampling,
         )
-        return pd.DataFrame(
-            {"row_key": rows["row_key"].to_numpy(), "entity_id": rows["entity_id"].to_numpy(), "score": scores}
-        )
+        return pd.DataFrame({"row_key": rows["row_key"].to_numpy(), "entity_id": entity_ids, "score": scores})
 
 
 class _Vocabulary:

@@ -9,7 +9,7 @@ is one random-effect type as a coordinate: ``fit`` (the nightly batch fit, no pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -86,6 +86,9 @@ class RandomEffect:
     ) -> DataFrame:
         """``frame`` with this type's score of each row (0 for an entity without coefficients)."""
         column = self.score_column
+        if kernel.thompson:
+            # What a coefficient no update has touched is believed to be: the prior the update starts from.
+            kernel = replace(kernel, prior_variance=1.0 / self.config.penalty)
         scores = self.scores(frame, model.coefficients, kernel, draw_group).withColumnRenamed("score", column)
         return frame.drop(column).join(scores, "row_key", "left").fillna(0.0, [column])
 

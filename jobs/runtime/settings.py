@@ -56,7 +56,7 @@ class RandomEffectConfig:
     name: str
     entity_column: str
     feature_bag: str
-    penalty: float = _checked(1.0, NON_NEGATIVE)
+    penalty: float = _checked(1.0, POSITIVE)
     delta: float = _checked(0.8, UNIT_INTERVAL)
     max_rows_per_entity: int = _checked(1000, AT_LEAST_ONE)
     min_rows: int = _checked(1, AT_LEAST_ONE)

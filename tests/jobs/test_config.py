@@ -63,7 +63,7 @@ BAD = [
     ("nearline.bucketz=3", "config key 'nearline.bucketz' is not known; known keys under 'nearline': entity_buckets"),
     ("colour=blue", "config key 'colour' is not known; known keys at the top level: model, spark"),
     ("model.random_effects.0.delta=1.5", "config key 'model.random_effects[0].delta' must be in [0, 1]; got 1.5"),
-    ("model.random_effects.per_item.penalty=-1", "config key 'model.random_effects[1].penalty' must be >= 0; got -1.0"),
+    ("model.random_effects.per_item.penalty=-1", "config key 'model.random_effects[1].penalty' must be > 0; got -1.0"),
     ("model.random_effects.per_item.speed=2", "config key 'model.random_effects[1].speed' is not known"),
     ("model.random_effects.per_nobody.delta=0.5", "config key 'random_effects' has no item 'per_nobody'"),
     ("model.random_effects.delta=0.5", "config key 'random_effects' has no item 'delta'"),
