@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: venv test lint bench demo dist clean
+.PHONY: venv jars test lint bench demo dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,19 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The JVM jars (Delta Lake, Spark's Kafka connector, a Kafka broker for the tests) fetched by Maven into .jars/;
+# a no-op when jvm/'s poms have not changed.
+jars: venv
+	$(BIN)/python jvm/fetch.py
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint jars
 	$(BIN)/pytest
 
-demo: venv
+demo: venv jars
 	$(BIN)/python -m jobs.demo --out var/demo
 
 bench: venv
@@ -35,4 +40,4 @@ dist: venv
 	$(BIN)/python scripts/build_dist.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info var
+	rm -rf $(VENV) .jars .pytest_cache .hypothesis build *.egg-info var
