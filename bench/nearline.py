@@ -25,7 +25,6 @@ from jobs.nearline_update import NearlineUpdater
 from jobs.runtime.session import spark_session
 from jobs.simulate.spec import RandomEffectSpec, StreamSpec
 from jobs.simulate.writers import generate
-from jobs.storage.store import open_store
 
 
 def raw_batch(spark, path: Path):
@@ -54,7 +53,7 @@ def main() -> None:
         first, second = sorted(generate(spec, work / "stream").landing.glob("part-*"))
         config = settings(work / "tables")
         spark = spark_session(config.spark)
-        NearlineUpdater(open_store(spark, config.storage), config).process(raw_batch(spark, first), 0)
+        NearlineUpdater(config).process(raw_batch(spark, first), 0)
 
         report: dict = {"events": args.events, "entities": args.entities, "format": args.format, "features": 20}
         # The machine is noisy: the fast variant runs a few times (the slow one once), each from the same state.
@@ -65,7 +64,7 @@ def main() -> None:
                 tables = work / f"tables-{label}-{attempt}"
                 shutil.copytree(work / "tables", tables)
                 variant = settings(tables, *overrides)
-                updater = NearlineUpdater(open_store(spark, variant.storage), variant)
+                updater = NearlineUpdater(variant)
                 started = time.perf_counter()
                 values = updater.process(raw_batch(spark, second), 1)
                 runs.append(

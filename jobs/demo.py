@@ -89,7 +89,7 @@ def run_demo(out: Path, events: int, slices: int = 12) -> dict:
             nightly.append(report)
             LOG.info("nightly run %d: %s (generation %s)", part, report.status, report.generation)
         _deliver(chunk, landing)
-        run_nearline(spark, store, config)
+        run_nearline(spark, config)
         LOG.info("nearline: drained %d more files", len(chunk))
     recommendations = _recommend(spark, store, config, files[-1], out)
     return _report(store, config, truth.summary(), nightly, recommendations)

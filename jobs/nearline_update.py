@@ -44,19 +44,30 @@ QUERY_NAME = "lambda-learner-nearline"
 
 
 class NearlineUpdater:
-    """The body of ``foreachBatch``: one micro-batch, applied to the tables at most once."""
+    """The body of ``foreachBatch``: one micro-batch, applied to the tables at most once.
 
-    def __init__(self, store: TableStore, config: Config):
-        self.store = store
+    It holds settings only (it is pickled to the server on Spark Connect): each batch opens the
+    store on the batch's own session.
+    """
+
+    def __init__(self, config: Config):
         self.config = config
-        for name, schema in table_schemas(config.model).items():
-            store.create(name, schema)
+        self._created = False
 
     def __call__(self, raw: DataFrame, batch_id: int) -> None:
         self.process(raw, batch_id)
 
+    def store(self, spark: SparkSession) -> TableStore:
+        """The tables, created on first use."""
+        store = open_store(spark, self.config.storage)
+        if not self._created:
+            for name, schema in table_schemas(self.config.model).items():
+                store.create(name, schema)
+            self._created = True
+        return store
+
     def process(self, raw: DataFrame, batch_id: int) -> dict[str, float]:
-        config, store = self.config, self.store
+        config, store = self.config, self.store(raw.sparkSession)
         guard = Guard(config.nearline.app_id, batch_id)
         if store.applied("re_state", guard):
             # The state merge is the batch's last write: a replay after it has nothing left to do.
@@ -74,7 +85,7 @@ class NearlineUpdater:
         rebase = generation is not None and generation.number != based_on
         with timed("update", seconds):
             if rebase:
-                state, update = self._rebase(generation, ingested.events, batch_id)
+                state, update = self._rebase(store, generation, ingested.events, batch_id)
             else:
                 fixed_effect = FixedEffect(config.model.task, config.model.fixed_effect).initial()
                 number = None
@@ -112,9 +123,11 @@ class NearlineUpdater:
         )
         return values
 
-    def _rebase(self, generation: Generation, events: DataFrame, batch_id: int) -> tuple[DataFrame, Update]:
+    def _rebase(
+        self, store: TableStore, generation: Generation, events: DataFrame, batch_id: int
+    ) -> tuple[DataFrame, Update]:
         """The state rebuilt from the generation's priors, the batches since its cutoff replayed, then this batch."""
-        config, store = self.config, self.store
+        config = self.config
         state = priors_as_state(store, config, generation).localCheckpoint(eager=True)
         since_cutoff = store.read("events").where(
             (F.col("batch_id") > generation.cutoff_batch_id) & (F.col("batch_id") < batch_id)
@@ -129,15 +142,15 @@ class NearlineUpdater:
         return state, update
 
 
-def run_nearline(spark: SparkSession, store: TableStore, config: Config) -> None:
+def run_nearline(spark: SparkSession, config: Config) -> None:
     """Start the query and run it until it ends (available-now) or is told to stop."""
-    batches = StoppableBatches(NearlineUpdater(store, config))
+    batches = StoppableBatches(NearlineUpdater(config))
     source = read_stream(spark, config.stream, typed_raw_schema(config.model))
     run_until_stopped(start(source, batches, config.stream, QUERY_NAME), batches)
 
 
 def _nearline(job: Job) -> int:
-    run_nearline(job.spark, open_store(job.spark, job.config.storage), job.config)
+    run_nearline(job.spark, job.config)
     return 0
 
 

@@ -88,11 +88,7 @@ def replay(
     ]
     if ideal:
         variants.append(Variant("ideal", _copy(base, out, "ideal", config), "nightly"))
-    updaters = {
-        v.name: NearlineUpdater(open_store(spark, v.config.storage), v.config)
-        for v in variants
-        if v.learns == "nearline"
-    }
+    updaters = {v.name: NearlineUpdater(v.config) for v in variants if v.learns == "nearline"}
 
     windows, pooled = [], {variant.name: [] for variant in variants}
     for batch_id, path in enumerate(files[train_files:], start=train_files):

@@ -42,7 +42,7 @@ def tables(spark, tmp_path_factory) -> Tables:
     truth = generate(stream_spec(events=1600, slices=FILES, bad_event_rate=0.03), folder / "stream")
     config = config_for(folder, "nightly.holdout_hours=1", "nightly.passes=1")
     store = open_store(spark, config.storage)
-    updater = NearlineUpdater(store, config)
+    updater = NearlineUpdater(config)
     nightly = None
     for batch_id, path in enumerate(sorted(truth.landing.glob("part-*"))):
         if batch_id == BATCHES_BEFORE_NIGHTLY:

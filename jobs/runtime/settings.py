@@ -83,9 +83,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SparkConfig:
-    """``master: null`` uses the session the cluster (or Databricks) already has."""
+    """``master: null`` uses the session the cluster (or Databricks) already has; ``remote`` a Spark Connect server."""
 
     master: str | None = "local[2]"
+    remote: str | None = None
     app_name: str = "lambda-learner"
     shuffle_partitions: int = _checked(4, AT_LEAST_ONE)
     conf: Mapping[str, str] = field(default_factory=dict)

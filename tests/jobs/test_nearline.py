@@ -48,9 +48,8 @@ def stream_config(folder, landing, *overrides: str) -> Config:
 
 def run_stream(spark, config: Config):
     """The nearline query in this process, until the landing folder is drained."""
-    store = open_store(spark, config.storage)
-    run_nearline(spark, store, config)
-    return store
+    run_nearline(spark, config)
+    return open_store(spark, config.storage)
 
 
 def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
@@ -102,7 +101,7 @@ def test_nearline_updates_track_a_drifting_truth_better_than_the_stale_nightly_m
     )
     config = stream_config(tmp_path, truth.landing, "nightly.holdout_hours=0", "nightly.passes=1")
     store = open_store(spark, config.storage)
-    updater = NearlineUpdater(store, config)
+    updater = NearlineUpdater(config)
     files = sorted(truth.landing.glob("part-*"))
     update_on_files(spark, updater, files[:4])
     assert run_nightly(spark, store, config).status == "published"
@@ -262,7 +261,7 @@ def test_a_rollback_rebases_the_live_model_on_the_generation_current_again(spark
     truth = generate(stream_spec(events=1500, slices=5, seed=5), tmp_path / "stream")
     config = config_for(tmp_path, "nightly.holdout_hours=1", "nightly.passes=1")
     store = open_store(spark, config.storage)
-    updater = NearlineUpdater(store, config)
+    updater = NearlineUpdater(config)
     files = sorted(truth.landing.glob("part-*"))
     for batch_id, path in enumerate(files[:4]):
         if batch_id in (2, 3):

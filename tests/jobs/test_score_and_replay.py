@@ -25,7 +25,7 @@ def live(spark, tmp_path_factory):
     truth = generate(stream_spec(events=3000, slices=6, new_entity_rate=0.05, drift=0.1), folder / "stream")
     config = config_for(folder, "nightly.holdout_hours=1", "nightly.passes=1")
     store = open_store(spark, config.storage)
-    updater = NearlineUpdater(store, config)
+    updater = NearlineUpdater(config)
     files = sorted(truth.landing.glob("part-*"))
     update_on_files(spark, updater, files[:4])
     assert run_nightly(spark, store, config).status == "published"
