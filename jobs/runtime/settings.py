@@ -94,10 +94,16 @@ class SparkConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """Where the Delta tables live; ``auto`` picks Spark's Delta when its jar is on the classpath."""
+    """Where the Delta tables live; ``auto`` picks Spark's Delta when the session has it.
+
+    Tables live under ``root``, or, with ``catalog`` and ``schema`` (Spark's Delta only), as managed
+    tables ``catalog.schema.<table>`` (Unity Catalog on Databricks).
+    """
 
     backend: Literal["auto", "delta-rs", "spark-delta"] = "auto"
     root: str = "var/tables"
+    catalog: str | None = None
+    schema: str | None = None
     storage_options: Mapping[str, str] = field(default_factory=dict)
 
 

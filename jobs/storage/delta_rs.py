@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
 from jobs.runtime.errors import ConfigError
-from jobs.storage.store import Commit, Guard, TableStore, WriteMode, utc_from_millis
+from jobs.storage.store import HISTORY_PAGES, Commit, Guard, GuardedCommit, TableStore, WriteMode, utc_from_millis
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,14 +47,20 @@ class DeltaRsStore(TableStore):
     def schema(self, name: str) -> StructType:
         return spark_schema(self._table(name))
 
-    def read(self, name: str, *, version: int | None = None) -> DataFrame:
+    def partition_columns(self, name: str) -> list[str]:
+        return list(self._table(name).metadata().partition_columns)
+
+    def read(self, name: str, *, version: int | None = None, where: str | None = None) -> DataFrame:
         table = self._table(name, version)
         schema = spark_schema(table)
-        # The snapshot's own files: the folder also holds files that later commits removed.
-        paths = [self._spark_path(uri) for uri in table.file_uris()]
+        # The snapshot's own files (the folder also holds files later commits removed), pruned by ``where``.
+        paths = [self._spark_path(uri) for uri in table.file_uris(file_pruning_predicate=where)]
         if not paths:
             return self.spark.createDataFrame([], schema)
-        return self.spark.read.schema(schema).parquet(*paths)
+        # Partition values live in the files' folder names, below the table's own folder.
+        base = self._spark_path(table.table_uri)
+        frame = self.spark.read.schema(schema).option("basePath", base).parquet(*paths).select(*schema.fieldNames())
+        return frame if where is None else frame.where(where)
 
     def version(self, name: str) -> int:
         return self._table(name).version()
@@ -69,7 +75,22 @@ class DeltaRsStore(TableStore):
     def transaction_version(self, name: str, app_id: str) -> int | None:
         return self._table(name).transaction_version(app_id)
 
-    def _create(self, name: str, schema: StructType, properties: Mapping[str, str]) -> None:
+    def guarded_commits(self, name: str, app_id: str) -> Iterator[GuardedCommit]:
+        table, seen = self._table(name), 0
+        for limit in HISTORY_PAGES:
+            page = table.history(limit)
+            for entry in page[seen:]:
+                commit = GuardedCommit.from_user_metadata(entry["version"], entry.get("userMetadata"))
+                if commit is not None and commit.guard.app_id == app_id:
+                    yield commit
+            if limit is None or len(page) < limit:
+                return
+            seen = len(page)
+
+    def delete(self, name: str, where: str) -> None:
+        self._table(name).delete(where)
+
+    def _create(self, name: str, schema: StructType, partition_by: list[str], properties: Mapping[str, str]) -> None:
         from deltalake import DeltaTable
         from deltalake import Schema as RsSchema
 
@@ -77,6 +98,7 @@ class DeltaRsStore(TableStore):
             self.path(name),
             RsSchema.from_json(schema.json()),  # Delta's schema JSON is Spark's
             mode="ignore",
+            partition_by=partition_by or None,
             configuration=dict(properties),
             storage_options=self.storage_options,
         )
@@ -134,9 +156,13 @@ def arrow_data(table: RsDeltaTable, frame: DataFrame) -> pa.Table:
 
 
 def commit_properties(guard: Guard | None) -> CommitProperties | None:
-    """delta-rs commit properties recording ``guard``'s transaction in the commit."""
+    """delta-rs commit properties recording ``guard`` in the commit: its transaction, and its userMetadata."""
     from deltalake import CommitProperties, Transaction
 
     if guard is None:
         return None
-    return CommitProperties(app_transactions=[Transaction(guard.app_id, guard.version)])
+    return CommitProperties(
+        app_transactions=[Transaction(guard.app_id, guard.version)],
+        # delta-rs writes custom metadata into commitInfo as is: this key is the one Spark's history shows.
+        custom_metadata={"userMetadata": guard.user_metadata()},
+    )

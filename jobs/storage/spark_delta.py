@@ -1,94 +1,172 @@
-"""Spark's own Delta Lake: what clusters and Databricks write the tables with."""
+"""Spark's own Delta Lake: what clusters and Databricks write the tables with.
+
+Everything goes through Spark SQL and the DataFrame API, never the JVM from Python: the same code
+runs on a classic session, on Spark Connect (Databricks standard access mode, serverless) and on
+Databricks Runtime. Tables live under a root path (``delta.`<root>/<name>```) or, with a catalog
+and schema, as managed tables ``catalog.schema.name`` (Unity Catalog on Databricks).
+
+Idempotent writes use Delta's own transaction ids (``txnAppId``/``txnVersion``: Delta skips a write
+whose version its table has already recorded for the app), and each guarded commit also records
+its guard in the commit's ``userMetadata``, which ``DESCRIBE HISTORY`` shows on every platform:
+that is how the recorded versions are read back.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 
-from pyspark.sql import DataFrame
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from jobs.storage.store import TXN_APP_ID, TXN_VERSION, Commit, Guard, TableStore, WriteMode, utc_from_millis
-
-if TYPE_CHECKING:
-    from delta.tables import DeltaTable as SparkDeltaTable
+from jobs.runtime.errors import ConfigError
+from jobs.storage.store import (
+    HISTORY_PAGES,
+    TXN_APP_ID,
+    TXN_VERSION,
+    USER_METADATA,
+    Commit,
+    Guard,
+    GuardedCommit,
+    TableStore,
+    WriteMode,
+    utc_from_millis,
+)
 
 
 class SparkDeltaStore(TableStore):
-    """Tables read and written by Spark's own Delta Lake (clusters, Databricks).
+    """Tables read and written by Spark's own Delta Lake, by path under a root or by name in a catalog schema."""
 
-    Needs a classic (py4j) session for :meth:`transaction_version`. Storage access comes from
-    the cluster's Hadoop configuration; ``storage.storage_options`` are for delta-rs only.
-    """
+    def __init__(self, spark: SparkSession, root: str | None, *, catalog: str | None = None, schema: str | None = None):
+        if (catalog is None) != (schema is None):
+            raise ConfigError("config keys 'storage.catalog' and 'storage.schema' go together: set both or neither")
+        super().__init__(spark, root or "")
+        self.catalog, self.schema_name = catalog, schema
+
+    def identifier(self, name: str) -> str:
+        """The table as Spark SQL names it: ``delta.`<path>``` or ``catalog.schema.name``."""
+        if self.catalog is not None:
+            return f"`{self.catalog}`.`{self.schema_name}`.`{self.checked_name(name)}`"
+        return f"delta.`{self.path(name)}`"
+
+    def location(self, name: str) -> str:
+        if self.catalog is None:
+            return self.path(name)
+        location = self.spark.sql(f"DESCRIBE DETAIL {self.identifier(name)}").first()["location"]
+        return location.removeprefix("file:")
 
     def exists(self, name: str) -> bool:
-        from delta.tables import DeltaTable
-
-        return DeltaTable.isDeltaTable(self.spark, self.path(name))
+        if self.catalog is not None:
+            return self.spark.catalog.tableExists(f"{self.catalog}.{self.schema_name}.{self.checked_name(name)}")
+        try:
+            self.spark.sql(f"DESCRIBE DETAIL {self.identifier(name)}").collect()
+        except AnalysisException:
+            return False
+        return True
 
     def schema(self, name: str) -> StructType:
-        return self._table(name).toDF().schema
+        return self.spark.table(self.identifier(name)).schema
 
-    def read(self, name: str, *, version: int | None = None) -> DataFrame:
-        reader = self.spark.read.format("delta")
-        if version is not None:
-            reader = reader.option("versionAsOf", version)
-        return reader.load(self.path(name))
+    def partition_columns(self, name: str) -> list[str]:
+        return list(self.spark.sql(f"DESCRIBE DETAIL {self.identifier(name)}").first()["partitionColumns"])
+
+    def read(self, name: str, *, version: int | None = None, where: str | None = None) -> DataFrame:
+        if version is None:
+            frame = self.spark.table(self.identifier(name))
+        else:
+            frame = self.spark.sql(f"SELECT * FROM {self.identifier(name)} VERSION AS OF {int(version)}")
+        # Delta skips files by partition values and column statistics for a filter by itself.
+        return frame if where is None else frame.where(where)
 
     def version(self, name: str) -> int:
-        return self._table(name).history(1).select("version").head()[0]
+        return self._history(name, 1)[0]["version"]
 
     def history(self, name: str) -> list[Commit]:
-        rows = (
-            self._table(name)
-            .history()
-            .select("version", F.unix_millis("timestamp").alias("millis"), "operation")
-            .orderBy("version")
-            .collect()
-        )
-        return [Commit(row.version, utc_from_millis(row.millis), row.operation) for row in rows]
+        return [
+            Commit(row["version"], utc_from_millis(row["millis"]), row["operation"])
+            for row in reversed(self._history(name, None))
+        ]
+
+    def guarded_commits(self, name: str, app_id: str) -> Iterator[GuardedCommit]:
+        seen = 0
+        for limit in HISTORY_PAGES:
+            page = self._history(name, limit)
+            for row in page[seen:]:
+                commit = GuardedCommit.from_user_metadata(row["version"], row["user_metadata"])
+                if commit is not None and commit.guard.app_id == app_id:
+                    yield commit
+            if limit is None or len(page) < limit:
+                return
+            seen = len(page)
 
     def transaction_version(self, name: str, app_id: str) -> int | None:
-        delta_log = self.spark._jvm.org.apache.spark.sql.delta.DeltaLog
-        snapshot = delta_log.forTableWithSnapshot(self.spark._jsparkSession, self.path(name))._2()
-        recorded = snapshot.transactions().get(app_id)
-        return int(recorded.get()) if recorded.isDefined() else None
+        latest = next(self.guarded_commits(name, app_id), None)
+        return None if latest is None else latest.guard.version
 
-    def _create(self, name: str, schema: StructType, properties: Mapping[str, str]) -> None:
-        from delta.tables import DeltaTable
+    def delete(self, name: str, where: str) -> None:
+        self.spark.sql(f"DELETE FROM {self.identifier(name)} WHERE {where}")
 
-        builder = DeltaTable.createIfNotExists(self.spark).location(self.path(name)).addColumns(schema)
-        for key, value in properties.items():
-            builder = builder.property(key, value)
-        builder.execute()
+    def _create(
+        self, name: str, schema: StructType, partition_by: Sequence[str], properties: Mapping[str, str]
+    ) -> None:
+        columns = ", ".join(
+            f"`{field.name}` {field.dataType.simpleString()}{'' if field.nullable else ' NOT NULL'}"
+            for field in schema.fields
+        )
+        partitioning = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partition_by)})" if partition_by else ""
+        settings = ", ".join(f"'{key}' = '{value}'" for key, value in properties.items())
+        self.spark.sql(
+            f"CREATE TABLE IF NOT EXISTS {self.identifier(name)} ({columns}) USING DELTA{partitioning}"
+            + (f" TBLPROPERTIES ({settings})" if settings else "")
+        )
 
     def _write(self, name: str, frame: DataFrame, mode: WriteMode, guard: Guard | None, where: str | None) -> None:
-        writer = frame.write.format("delta").mode(mode)
-        if where is not None:
-            writer = writer.option("replaceWhere", where)
-        if guard is not None:
-            writer = writer.option("txnAppId", guard.app_id).option("txnVersion", guard.version)
-        writer.save(self.path(name))
+        columns = ", ".join(f"`{column}`" for column in self.schema(name).fieldNames())
+        if mode == "append":
+            statement = f"INSERT INTO {self.identifier(name)} SELECT {columns} FROM {{source}}"
+        elif where is None:
+            statement = f"INSERT OVERWRITE {self.identifier(name)} SELECT {columns} FROM {{source}}"
+        else:
+            statement = f"INSERT INTO {self.identifier(name)} REPLACE WHERE {where} SELECT {columns} FROM {{source}}"
+        self._guarded_sql(statement, frame, guard)
 
     def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None) -> None:
-        settings = {} if guard is None else {TXN_APP_ID: guard.app_id, TXN_VERSION: str(guard.version)}
+        self._guarded_sql(
+            f"MERGE INTO {self.identifier(name)} t USING {{source}} s ON {condition} "
+            "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
+            frame,
+            guard,
+        )
+
+    def _guarded_sql(self, statement: str, frame: DataFrame, guard: Guard | None) -> None:
+        """One SQL write of ``frame`` (a temporary view named in ``{source}``), under ``guard``.
+
+        SQL writes take their transaction id and commit metadata from session settings, set for this
+        statement only. The same statements serve paths and catalog tables, classic and Connect sessions.
+        """
+        view = f"lambda_learner_source_{uuid.uuid4().hex}"
+        frame.createOrReplaceTempView(view)
+        settings = {}
+        if guard is not None:
+            settings = {TXN_APP_ID: guard.app_id, TXN_VERSION: str(guard.version), USER_METADATA: guard.user_metadata()}
         try:
             for key, value in settings.items():
                 self.spark.conf.set(key, value)
-            (
-                self._table(name)
-                .alias("t")
-                .merge(frame.alias("s"), condition)
-                .whenMatchedUpdateAll()
-                .whenNotMatchedInsertAll()
-                .execute()
-            )
+            self.spark.sql(statement.format(source=view))
         finally:
             for key in settings:
                 self.spark.conf.unset(key)
+            self.spark.catalog.dropTempView(view)
 
-    def _table(self, name: str) -> SparkDeltaTable:
-        from delta.tables import DeltaTable
-
-        return DeltaTable.forPath(self.spark, self.path(name))
+    def _history(self, name: str, limit: int | None) -> list[dict]:
+        """Newest first: version, commit time in epoch milliseconds, operation, userMetadata."""
+        query = f"DESCRIBE HISTORY {self.identifier(name)}" + ("" if limit is None else f" LIMIT {int(limit)}")
+        rows = self.spark.sql(query).select(
+            "version",
+            F.unix_millis("timestamp").alias("millis"),
+            "operation",
+            F.col("userMetadata").alias("user_metadata"),
+        )
+        return [row.asDict() for row in rows.collect()]

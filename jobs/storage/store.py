@@ -1,28 +1,32 @@
-"""The table store: Delta tables under one root, read and written as Spark DataFrames.
+"""The table store: Delta tables read and written as Spark DataFrames, under a root path or in a catalog schema.
 
-Two adapters share one interface (and one contract test suite):
+Two engines share one interface (and one contract test suite, run on both):
 
 - ``DeltaRsStore`` (``jobs.storage.delta_rs``), the embedded default: delta-rs writes the tables from Arrow on the
   driver, and Spark reads a snapshot through the snapshot's own file list.
-- ``SparkDeltaStore`` (``jobs.storage.spark_delta``), for clusters and Databricks: Spark's own Delta Lake (needs the
-  ``io.delta:delta-spark_2.13`` jar on the classpath).
+- ``SparkDeltaStore`` (``jobs.storage.spark_delta``), for clusters and Databricks: Spark's own Delta Lake
+  (``io.delta:delta-spark_4.2_2.13``), through SQL and the DataFrame API only, so it runs on Spark Connect too.
 
-Every write can carry a :class:`Guard`, a Delta transaction id ``(app_id, version)``: the write
-is made, and the transaction recorded in the same commit, only if the table has not seen that
-app id at that version or later. A replayed micro-batch is thereby written at most once.
+Every write can carry a :class:`Guard`, a Delta transaction id ``(app_id, version)`` with a few facts about the
+write: the write is made, and the transaction recorded in the same commit, only if the table has not seen that app
+id at that version or later. A replayed micro-batch is thereby written at most once. The guard is recorded twice in
+the commit: as Delta's transaction action (``txn``), which both engines honour, and as the commit's ``userMetadata``
+(JSON), which ``DESCRIBE HISTORY`` shows on every platform and which tells who wrote what.
 
-Tables are created with deletion vectors off and no column mapping (see
-:data:`TABLE_PROPERTIES`) so that both engines can read and write them.
+Tables are created with no column mapping and, unless a store is told otherwise for a table, no deletion vectors
+(see :data:`TABLE_PROPERTIES`), so that both engines can read and write them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
@@ -38,20 +42,53 @@ TABLE_PROPERTIES: Mapping[str, str] = {
 }
 
 TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-DELTA_JAR_MISSING = "Spark's Delta Lake jar (io.delta:delta-spark_2.13) is not on the classpath"
-# Spark's Delta takes a MERGE's transaction id from these session settings only.
+DELTA_JAR = "io.delta:delta-spark_4.2_2.13"
+DELTA_JAR_MISSING = f"Spark's Delta Lake ({DELTA_JAR}) is not in the session"
+# Spark's Delta takes a MERGE's transaction id and commit metadata from these session settings only.
 TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+# The key of a guard's record in a commit's userMetadata JSON.
+GUARD_KEY = "lambda_learner"
+# History is read newest first in pages of growing size: the commit looked for is nearly always recent.
+HISTORY_PAGES = (16, 256, None)
 
 WriteMode = Literal["append", "overwrite"]
 
 
 @dataclass(frozen=True)
 class Guard:
-    """A write made at most once: Delta's transaction id (app id, version)."""
+    """A write made at most once: Delta's transaction id (app id, version), and facts recorded with it."""
 
     app_id: str
     version: int
+    facts: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def user_metadata(self) -> str:
+        """The commit's userMetadata: the guard and its facts as JSON."""
+        return json.dumps({GUARD_KEY: {"app_id": self.app_id, "version": self.version, **self.facts}}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class GuardedCommit:
+    """A commit made under a guard, as the table's history records it."""
+
+    table_version: int
+    guard: Guard
+
+    @classmethod
+    def from_user_metadata(cls, table_version: int, user_metadata: str | None) -> GuardedCommit | None:
+        """The guard a commit's userMetadata records, or None for a commit made without one."""
+        if not user_metadata:
+            return None
+        try:
+            record = json.loads(user_metadata).get(GUARD_KEY)
+        except (ValueError, AttributeError):
+            return None  # someone else's metadata
+        if not isinstance(record, dict):
+            return None
+        facts = {key: value for key, value in record.items() if key not in ("app_id", "version")}
+        return cls(table_version, Guard(record["app_id"], int(record["version"]), facts))
 
 
 @dataclass(frozen=True)
@@ -64,47 +101,78 @@ class Commit:
 
 
 class TableStore(ABC):
-    """Delta tables under one root, read and written as Spark DataFrames."""
+    """Delta tables read and written as Spark DataFrames."""
 
     def __init__(self, spark: SparkSession, root: str) -> None:
         self.spark = spark
         self.root = root
 
-    def path(self, name: str) -> str:
-        """The table's location: the root joined with ``name`` (a local folder or a URI)."""
+    @staticmethod
+    def checked_name(name: str) -> str:
         if not TABLE_NAME.fullmatch(name):
             raise ValueError(f"table name {name!r} must be letters, digits, '_', '.' or '-'")
-        return f"{self.root.rstrip('/')}/{name}"
+        return name
+
+    def path(self, name: str) -> str:
+        """The table's place under the root: the root joined with ``name`` (a local folder or a URI)."""
+        return f"{self.root.rstrip('/')}/{self.checked_name(name)}"
+
+    def location(self, name: str) -> str:
+        """Where the table's files are (for a table kept by name in a catalog, where the catalog put it)."""
+        return self.path(name)
 
     @abstractmethod
     def exists(self, name: str) -> bool:
-        """Whether a Delta table is at ``path(name)``."""
+        """Whether the Delta table ``name`` exists."""
 
     @abstractmethod
     def schema(self, name: str) -> StructType:
         """The table's current schema (with its nullability)."""
 
-    def create(self, name: str, schema: StructType, *, properties: Mapping[str, str] | None = None) -> None:
-        """Creates an empty table if there is none; refuses an existing table of another schema.
+    @abstractmethod
+    def partition_columns(self, name: str) -> list[str]:
+        """The table's partition columns, in order."""
+
+    def create(
+        self,
+        name: str,
+        schema: StructType,
+        *,
+        partition_by: Sequence[str] = (),
+        properties: Mapping[str, str] | None = None,
+    ) -> None:
+        """Creates an empty table if there is none; refuses an existing table of another schema or partitioning.
 
         Field names and types must match (nullability may differ). ``properties`` (Delta table
         properties: delta-rs refuses keys it does not know) are added to :data:`TABLE_PROPERTIES`,
-        which cannot be overridden. Tables are never partitioned.
+        which only :meth:`allowed_properties` may override.
         """
         properties = dict(properties or {})
         for key, value in TABLE_PROPERTIES.items():
-            if properties.setdefault(key, value) != value:
+            if properties.setdefault(key, value) != value and key not in self.allowed_properties():
                 raise ValueError(f"table property {key} must be {value} (both engines must read the tables)")
         if not self.exists(name):
-            self._create(name, schema, properties)
+            self._create(name, schema, list(partition_by), properties)
             return
         difference = schema_difference(self.schema(name), schema)
         if difference is not None:
             raise SchemaMismatchError(f"table {name!r} already exists with another schema: {difference}")
+        if self.partition_columns(name) != list(partition_by):
+            raise SchemaMismatchError(
+                f"table {name!r} already exists partitioned by {self.partition_columns(name)}, not {list(partition_by)}"
+            )
+
+    def allowed_properties(self) -> set[str]:
+        """Keys of :data:`TABLE_PROPERTIES` this engine may set otherwise (none: both engines read every table)."""
+        return set()
 
     @abstractmethod
-    def read(self, name: str, *, version: int | None = None) -> DataFrame:
-        """The current snapshot, or the snapshot at ``version`` (time travel)."""
+    def read(self, name: str, *, version: int | None = None, where: str | None = None) -> DataFrame:
+        """The current snapshot, or the snapshot at ``version`` (time travel); with ``where``, its rows matching it.
+
+        ``where`` is a SQL predicate; files that cannot hold a matching row (by partition values or column
+        statistics) are not read at all.
+        """
 
     def append(self, name: str, frame: DataFrame, *, guard: Guard | None = None) -> bool:
         """Adds the rows; False (and nothing written) if ``guard`` was already applied."""
@@ -133,12 +201,23 @@ class TableStore(ABC):
         return True
 
     @abstractmethod
+    def delete(self, name: str, where: str) -> None:
+        """Removes the rows matching the SQL predicate ``where`` (unguarded: deleting twice changes nothing)."""
+
+    @abstractmethod
     def version(self, name: str) -> int:
         """The table's latest version."""
 
     @abstractmethod
     def history(self, name: str) -> list[Commit]:
         """The table's commits, oldest first."""
+
+    @abstractmethod
+    def guarded_commits(self, name: str, app_id: str) -> Iterator[GuardedCommit]:
+        """The commits made under a guard of ``app_id``, newest first, as far back as the log keeps them."""
+
+    def last_guarded_commit(self, name: str, app_id: str) -> GuardedCommit | None:
+        return next(self.guarded_commits(name, app_id), None)
 
     @abstractmethod
     def transaction_version(self, name: str, app_id: str) -> int | None:
@@ -166,7 +245,9 @@ class TableStore(ABC):
             raise SchemaMismatchError(f"frame columns {given} do not match table {name!r} columns {expected}")
 
     @abstractmethod
-    def _create(self, name: str, schema: StructType, properties: Mapping[str, str]) -> None: ...
+    def _create(
+        self, name: str, schema: StructType, partition_by: list[str], properties: Mapping[str, str]
+    ) -> None: ...
 
     @abstractmethod
     def _write(self, name: str, frame: DataFrame, mode: WriteMode, guard: Guard | None, where: str | None) -> None: ...
@@ -182,13 +263,15 @@ def open_store(spark: SparkSession, config: StorageConfig) -> TableStore:
     if config.backend == "spark-delta" and not has_delta:
         raise ConfigError(
             f"config key 'storage.backend' is spark-delta, but {DELTA_JAR_MISSING}; "
-            "add it to the session (spark.jars.packages) or use backend delta-rs or auto"
+            "run make jars (local sessions load it from .jars/) or add it to the cluster, or use backend delta-rs"
         )
     # Each engine's module imports its engine's package: a cluster may have only one of them.
     if config.backend == "spark-delta" or (config.backend == "auto" and has_delta):
         from jobs.storage.spark_delta import SparkDeltaStore
 
-        return SparkDeltaStore(spark, config.root)
+        return SparkDeltaStore(spark, config.root, catalog=config.catalog, schema=config.schema)
+    if config.catalog is not None:
+        raise ConfigError("config key 'storage.catalog' needs storage.backend spark-delta (delta-rs writes paths only)")
     from jobs.storage.delta_rs import DeltaRsStore
 
     return DeltaRsStore(spark, config.root, config.storage_options)

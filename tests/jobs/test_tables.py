@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -22,12 +26,15 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from jobs.runtime.cli import CONFIG_ERROR_EXIT_CODE
 from jobs.runtime.errors import ConfigError
+from jobs.runtime.jvm import ENV_VAR
 from jobs.runtime.session import delta_available
 from jobs.runtime.settings import StorageConfig
 from jobs.storage.delta_rs import DeltaRsStore
 from jobs.storage.spark_delta import SparkDeltaStore
-from jobs.storage.store import DELTA_JAR_MISSING, Guard, TableStore, open_store
+from jobs.storage.store import Guard, TableStore, open_store
+from tests.jobs.jobrun import ROOT
 
 SCORES = StructType(
     [
@@ -90,7 +97,7 @@ def write(store: TableStore, operation: str, name: str, frame: DataFrame, guard:
 
 def delta_log(store: TableStore, name: str) -> list[list[dict]]:
     """The table's commits, each as its list of actions (a local table)."""
-    folder = Path(store.path(name)) / "_delta_log"
+    folder = Path(store.location(name)) / "_delta_log"
     commits = sorted(path for path in folder.iterdir() if COMMIT_FILE.fullmatch(path.name))
     assert [int(path.stem) for path in commits] == list(range(len(commits)))
     return [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in commits]
@@ -156,7 +163,7 @@ class TableStoreContract:
         current = store.read("scores")
         assert content(current) == [("b", 3, 2.0), ("d", 4, 40.0), ("e", 4, 50.0)]
         # The folder still holds the files the overwrite and the merge removed: the read must skip them.
-        on_disk = {path.name for path in Path(store.path("scores")).glob("*.parquet")}
+        on_disk = {path.name for path in Path(store.location("scores")).glob("*.parquet")}
         read = {Path(uri).name for uri in current.inputFiles()}
         assert read < on_disk
 
@@ -306,6 +313,50 @@ class TableStoreContract:
             "metrics": [],
         }
 
+    def test_guarded_commits_record_the_guard_and_its_facts_newest_first(self, store, spark):
+        store.create("scores", SCORES)
+        store.append("scores", scores(spark, ("a", 1, 0.1)), guard=Guard("nearline", 1, {"stream": "s", "batch": 0}))
+        store.append("scores", scores(spark, ("b", 1, 0.2)))
+        store.merge("scores", scores(spark, ("a", 2, 0.3)), ["entity_id"], guard=Guard("nightly", 9))
+        store.overwrite("scores", scores(spark, ("c", 3, 0.4)), guard=Guard("nearline", 2, {"stream": "s", "batch": 1}))
+
+        nearline = list(store.guarded_commits("scores", "nearline"))
+        assert [(c.table_version, c.guard.version, dict(c.guard.facts)) for c in nearline] == [
+            (4, 2, {"stream": "s", "batch": 1}),
+            (1, 1, {"stream": "s", "batch": 0}),
+        ]
+        assert store.last_guarded_commit("scores", "nightly").guard == Guard("nightly", 9)
+        assert store.last_guarded_commit("scores", "never") is None
+        # A long history is read page by page.
+        for version in range(3, 40):
+            store.append("scores", scores(spark), guard=Guard("nearline", version, {"batch": version}))
+        assert [c.guard.version for c in store.guarded_commits("scores", "nearline")] == [*range(39, 2, -1), 2, 1]
+        assert store.last_guarded_commit("scores", "nightly").table_version == 3
+
+    def test_partitioned_tables_read_only_the_partitions_asked_for(self, store, spark):
+        partitioned = StructType([*SCORES.fields, StructField("day", StringType(), nullable=False)])
+        store.create("days", partitioned, partition_by=["day"])
+        store.create("days", partitioned, partition_by=["day"])
+        assert store.partition_columns("days") == ["day"]
+        with pytest.raises(ValueError, match=r"'days'.*partitioned by \['day'\]"):
+            store.create("days", partitioned)
+        rows = [("a", 1, 0.1, "2026-11-01"), ("b", 1, 0.2, "2026-11-02"), ("c", 2, 0.3, "2026-11-03")]
+        store.append("days", spark.createDataFrame(rows, partitioned))
+        assert store.read("days").columns == partitioned.fieldNames()
+        assert content(store.read("days")) == sorted(rows)
+        recent = store.read("days", where="day >= '2026-11-02'")
+        assert content(recent) == sorted(rows[1:])
+        assert all("2026-11-01" not in uri for uri in recent.inputFiles())
+        # Column statistics prune files too: each append above wrote one file per day.
+        late = store.read("days", where="batch_id >= 2")
+        assert content(late) == [rows[2]]
+        assert len(late.inputFiles()) == 1
+
+        store.delete("days", "day < '2026-11-02'")
+        assert content(store.read("days")) == sorted(rows[1:])
+        store.merge("days", spark.createDataFrame([("b", 5, 5.0, "2026-11-02")], partitioned), ["entity_id", "day"])
+        assert content(store.read("days")) == [("b", 5, 5.0, "2026-11-02"), rows[2]]
+
 
 class TestDeltaRsStore(TableStoreContract):
     @pytest.fixture
@@ -334,9 +385,23 @@ class TestDeltaRsStore(TableStoreContract):
 class TestSparkDeltaStore(TableStoreContract):
     @pytest.fixture
     def store(self, spark, tmp_path):
-        if not delta_available(spark):
-            pytest.skip(DELTA_JAR_MISSING)
         return SparkDeltaStore(spark, str(tmp_path / "tables"))
+
+
+class TestSparkDeltaCatalogStore(TableStoreContract):
+    """Managed tables by name in a catalog schema, as Unity Catalog users keep them (Spark's session catalog here)."""
+
+    @pytest.fixture
+    def store(self, spark):
+        schema = f"contract_{uuid.uuid4().hex[:12]}"
+        spark.sql(f"CREATE SCHEMA spark_catalog.{schema}")
+        yield SparkDeltaStore(spark, None, catalog="spark_catalog", schema=schema)
+        spark.sql(f"DROP SCHEMA spark_catalog.{schema} CASCADE")
+
+    def test_tables_are_named_not_placed(self, store, spark):
+        store.create("scores", SCORES)
+        assert spark.catalog.tableExists(f"spark_catalog.{store.schema_name}.scores")
+        assert store.identifier("scores") == f"`spark_catalog`.`{store.schema_name}`.`scores`"
 
 
 def test_open_store_auto_takes_what_the_session_has(spark, tmp_path):
@@ -353,8 +418,65 @@ def test_open_store_passes_storage_options_to_delta_rs(spark, tmp_path):
     assert store.exists("scores")
 
 
-def test_open_store_refuses_spark_delta_without_the_jar(spark, tmp_path):
-    if delta_available(spark):
-        pytest.skip("Spark's Delta Lake jar is on the classpath here")
-    with pytest.raises(ConfigError, match=r"'storage\.backend'.*io\.delta:delta-spark_2\.13.*not on the classpath"):
-        open_store(spark, StorageConfig(backend="spark-delta", root=str(tmp_path)))
+def test_open_store_refuses_spark_delta_without_the_jar(tmp_path):
+    """A session without Spark's Delta (no jars fetched) refuses the engine in one line, exit code 2."""
+    environment = {**os.environ, ENV_VAR: str(tmp_path / "no-jars")}
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.nightly_retrain",
+            "--config",
+            "conf/local.yaml",
+            "--set",
+            "storage.backend=spark-delta",
+            "--set",
+            f"storage.root={tmp_path / 'tables'}",
+        ],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert refused.returncode == CONFIG_ERROR_EXIT_CODE, refused.stderr[-2000:]
+    (line,) = [line for line in refused.stderr.splitlines() if "storage.backend" in line]
+    assert "io.delta:delta-spark_4.2_2.13" in line and "make jars" in line
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_catalog_needs_spark_delta(spark):
+    with pytest.raises(ConfigError, match=r"storage\.catalog"):
+        open_store(spark, StorageConfig(backend="delta-rs", catalog="main", schema="lambda_learner"))
+
+
+@pytest.mark.parametrize("writer_engine", ["delta-rs", "spark-delta"])
+def test_a_table_written_by_one_engine_is_read_and_guarded_by_the_other(spark, tmp_path, writer_engine):
+    root = str(tmp_path / "tables")
+    engines = {"delta-rs": DeltaRsStore(spark, root), "spark-delta": SparkDeltaStore(spark, root)}
+    writer = engines[writer_engine]
+    reader = engines["spark-delta" if writer_engine == "delta-rs" else "delta-rs"]
+    writer.create("scores", SCORES)
+    writer.append("scores", scores(spark, ("a", 1, 0.1)), guard=Guard("nearline", 1, {"batch": 1}))
+    writer.merge("scores", scores(spark, ("a", 2, 0.2), ("b", 2, 0.3)), ["entity_id"], guard=Guard("nearline", 2))
+
+    assert content(reader.read("scores")) == [("a", 2, 0.2), ("b", 2, 0.3)]
+    assert content(reader.read("scores", version=1)) == [("a", 1, 0.1)]
+    assert [(c.version, c.operation) for c in reader.history("scores")] == [
+        (0, "CREATE TABLE"),
+        (1, "WRITE"),
+        (2, "MERGE"),
+    ]
+    assert reader.transaction_version("scores", "nearline") == 2
+    assert [c.guard for c in reader.guarded_commits("scores", "nearline")] == [
+        Guard("nearline", 2),
+        Guard("nearline", 1),
+    ]
+    assert reader.last_guarded_commit("scores", "nearline").table_version == 2
+    # The other engine's guard holds: a replay writes nothing, the next version writes.
+    assert not reader.append("scores", scores(spark, ("c", 9, 9.9)), guard=Guard("nearline", 2))
+    assert reader.append("scores", scores(spark, ("c", 3, 0.4)), guard=Guard("nearline", 3))
+    assert writer.transaction_version("scores", "nearline") == 3
+    assert not writer.merge("scores", scores(spark, ("a", 9, 9.9)), ["entity_id"], guard=Guard("nearline", 3))
+    assert content(writer.read("scores")) == [("a", 2, 0.2), ("b", 2, 0.3), ("c", 3, 0.4)]
