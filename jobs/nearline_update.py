@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from datetime import date, datetime, timedelta
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -29,30 +31,43 @@ from jobs.game.fixed_effect import FixedEffect
 from jobs.game.generation import Generation, current_generation
 from jobs.game.incremental import Update, apply_events, priors_as_state, upserted
 from jobs.runtime.cli import Job, job_parser, run_job
+from jobs.runtime.errors import ConfigError
 from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
+from jobs.storage.delta_rs import DeltaRsStore
 from jobs.storage.ingest import ingest_batch
 from jobs.storage.parsing import typed_raw_schema
-from jobs.storage.schemas import RE_STATE, metrics_row, table_schemas
-from jobs.storage.store import Guard, TableStore, open_store
-from jobs.streaming.runner import StoppableBatches, run_until_stopped, start
+from jobs.storage.schemas import RE_STATE, create_tables, metrics_row
+from jobs.storage.store import TableStore, open_store
+from jobs.streaming.runner import StoppableBatches, is_connect, run_until_stopped, start
+from jobs.streaming.sequence import DIRECT, BatchSequence
 from jobs.streaming.source import read_stream
 
 LOG = logging.getLogger("lambda_learner.nearline")
 QUERY_NAME = "lambda-learner-nearline"
+# Each batch writes quarantine first (the ledger of batch numbers), then events and metrics, the state last.
+LEDGER, LAST_WRITE = "quarantine", "re_state"
 
 
 class NearlineUpdater:
     """The body of ``foreachBatch``: one micro-batch, applied to the tables at most once.
 
     It holds settings only (it is pickled to the server on Spark Connect): each batch opens the
-    store on the batch's own session.
+    store on the batch's own session. Batches are numbered by the tables' sequence
+    (``jobs.streaming.sequence``): a new checkpoint continues it, a replayed batch keeps its number.
+    ``stream_id`` names the stream of the batches fed to :meth:`process` (default ``direct``: fed by a
+    program, not a query); None reads it from ``stream.checkpoint``, where Spark keeps its query's id.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, stream_id: str | None = DIRECT):
         self.config = config
+        self.sequence = BatchSequence(
+            config.nearline.app_id, LEDGER, LAST_WRITE, config.stream.checkpoint, stream_id=stream_id
+        )
         self._created = False
+        self._newest_event: datetime | None = None
+        self._retained_before: date | None = None
 
     def __call__(self, raw: DataFrame, batch_id: int) -> None:
         self.process(raw, batch_id)
@@ -61,26 +76,26 @@ class NearlineUpdater:
         """The tables, created on first use."""
         store = open_store(spark, self.config.storage)
         if not self._created:
-            for name, schema in table_schemas(self.config.model).items():
-                store.create(name, schema)
+            create_tables(store, self.config.model, deletion_vectors=self.config.storage.deletion_vectors)
+            _check_state_size(store, self.config)
             self._created = True
         return store
 
-    def process(self, raw: DataFrame, batch_id: int) -> dict[str, float]:
+    def process(self, raw: DataFrame, stream_batch_id: int) -> dict[str, float]:
+        """Apply one micro-batch (Spark's ``stream_batch_id``); its figures, or {} if it was applied before."""
         config, store = self.config, self.store(raw.sparkSession)
-        guard = Guard(config.nearline.app_id, batch_id)
-        if store.applied("re_state", guard):
-            # The state merge is the batch's last write: a replay after it has nothing left to do.
+        ticket = self.sequence.ticket(store, stream_batch_id)
+        batch_id, app_id = ticket.sequence, config.nearline.app_id
+        if store.applied(LAST_WRITE, ticket.guard(app_id)):
+            # The state write is the batch's last: a replay after it has nothing left to do.
             LOG.info("batch %d was applied before a restart; nothing to do", batch_id)
             return {}
         seconds: dict[str, float] = {}
         crash_point("nearline:before_writes", batch_id)
         with timed("ingest", seconds):
-            ingested = ingest_batch(store, config, raw, batch_id)
+            ingested = ingest_batch(store, config, raw, batch_id, ticket.guard(app_id), ticket.ingested)
         generation = current_generation(store, config.model)
-        # The state is still as it was before this batch: its merge is the batch's last write.
-        state = store.read("re_state")
-        based_on = state.agg(F.max("generation")).first()[0]
+        based_on = state_generation(store, app_id)
         # A new generation, or an older one current again after a rollback.
         rebase = generation is not None and generation.number != based_on
         with timed("update", seconds):
@@ -91,6 +106,7 @@ class NearlineUpdater:
                 number = None
                 if generation is not None:
                     fixed_effect, number = generation.fixed_effect, generation.number
+                state = batch_state(store, config, ingested.events)
                 update = apply_events(ingested.events, state, config, fixed_effect, number, batch_id)
         values = {
             "rows_in": float(ingested.valid + ingested.quarantined),
@@ -102,19 +118,23 @@ class NearlineUpdater:
         number = None if generation is None else generation.number
         with timed("write", seconds):
             values |= {f"seconds.{step}": value for step, value in seconds.items()}
-            row = metrics_row(store.spark, "nearline", f"batch-{batch_id}", batch_id, number, status, values, None)
-            store.append("metrics", row, guard=guard)
+            run_id = f"{ticket.stream_id}/{ticket.stream_batch_id}"
+            row = metrics_row(store.spark, "nearline", run_id, batch_id, number, status, values, None)
+            store.append("metrics", row, guard=ticket.guard(app_id))
             crash_point("nearline:after_metrics", batch_id)
+            guard = ticket.guard(app_id, generation=number)
             if rebase:
-                store.overwrite("re_state", state.select(*RE_STATE.fieldNames()), guard=guard)
+                store.overwrite(LAST_WRITE, state.select(*RE_STATE.fieldNames()), guard=guard)
             else:
                 store.merge(
-                    "re_state", update.state.select(*RE_STATE.fieldNames()), ["re_type", "entity_id"], guard=guard
+                    LAST_WRITE, update.state.select(*RE_STATE.fieldNames()), ["re_type", "entity_id"], guard=guard
                 )
             crash_point("nearline:after_state_merge", batch_id)
+        self._retain(store, ingested.last_event)
         LOG.info(
-            "batch %d: %s, %d valid, %d quarantined, %s, %.1f s",
+            "batch %d (%s): %s, %d valid, %d quarantined, %s, %.1f s",
             batch_id,
+            run_id,
             status,
             ingested.valid,
             ingested.quarantined,
@@ -123,29 +143,113 @@ class NearlineUpdater:
         )
         return values
 
+    def _retain(self, store: TableStore, newest: datetime | None) -> None:
+        """Drop the event-date partitions older than ``events.retention_days`` before the newest event seen.
+
+        Judged by event time, not the clock, so a replay of old files keeps what it ingests. At most once
+        per day of newest event (and once per start); deleting twice changes nothing.
+        """
+        if newest is not None and (self._newest_event is None or newest > self._newest_event):
+            self._newest_event = newest
+        if self._newest_event is None:
+            return
+        before = (self._newest_event - timedelta(days=self.config.events.retention_days)).date()
+        if self._retained_before is None or before > self._retained_before:
+            store.delete("events", f"event_date < '{before.isoformat()}'")
+            self._retained_before = before
+            LOG.info("events before %s dropped (retention %g days)", before, self.config.events.retention_days)
+
     def _rebase(
         self, store: TableStore, generation: Generation, events: DataFrame, batch_id: int
     ) -> tuple[DataFrame, Update]:
-        """The state rebuilt from the generation's priors, the batches since its cutoff replayed, then this batch."""
-        config = self.config
+        """The state rebuilt from the generation's priors, then every batch after its cutoff applied, in one pass.
+
+        The batches after the cutoff (this one included) are applied per entity in batch order, each with
+        the previous one's posterior as prior, exactly as batch after batch would (docs/nearline.md says
+        what that means with several random-effect types). A batch the generation already covers
+        (ingested, then published before its state was written) is in the priors: it is not applied again.
+        """
+        config, started = self.config, time.perf_counter()
         state = priors_as_state(store, config, generation).localCheckpoint(eager=True)
-        since_cutoff = store.read("events").where(
-            (F.col("batch_id") > generation.cutoff_batch_id) & (F.col("batch_id") < batch_id)
+        cutoff = generation.cutoff_batch_id
+        earlier = store.read("events", where=f"batch_id > {cutoff} AND batch_id < {batch_id}")
+        replayed = earlier.groupBy("batch_id").count().orderBy("batch_id").collect()
+        LOG.info(
+            "rebasing on generation %d (cutoff batch %d): replaying %d batches, %d events, in one pass",
+            generation.number,
+            cutoff,
+            len(replayed),
+            sum(row["count"] for row in replayed),
         )
-        replayed = sorted(row.batch_id for row in since_cutoff.select("batch_id").distinct().collect())
-        LOG.info("rebasing on generation %d: replaying batches %s", generation.number, replayed)
-        for replayed_id in [*replayed, batch_id]:
-            batch = events if replayed_id == batch_id else since_cutoff.where(F.col("batch_id") == replayed_id)
-            update = apply_events(batch, state, config, generation.fixed_effect, generation.number, replayed_id)
-            state = upserted(state, update.state).localCheckpoint(eager=True)
-        update.values["replayed_batches"] = float(len(replayed))
+        if batch_id > cutoff:
+            earlier = earlier.unionByName(events)
+        update = apply_events(
+            earlier, state, config, generation.fixed_effect, generation.number, batch_id, in_batches=True
+        )
+        state = upserted(state, update.state).localCheckpoint(eager=True)
+        seconds = time.perf_counter() - started
+        LOG.info("rebased on generation %d in %.1f s", generation.number, seconds)
+        update.values |= {
+            "replayed_batches": float(len(replayed)),
+            "replayed_rows": float(sum(row["count"] for row in replayed)),
+            "seconds.rebase": seconds,
+        }
         return state, update
 
 
+def _check_state_size(store: TableStore, config: Config) -> None:
+    """Refuse, at start, a live state larger than the delta-rs engine serves at the speed of a small one."""
+    if not isinstance(store, DeltaRsStore):
+        return
+    entities, ceiling = store.row_count(LAST_WRITE), config.storage.delta_rs_max_state_entities
+    if entities > ceiling:
+        raise ConfigError(
+            f"config key 'storage.backend' is delta-rs, but the live state holds {entities} entity states, more than "
+            f"storage.delta_rs_max_state_entities ({ceiling}), the largest measured to batch at the cost of a small "
+            "one: delta-rs merges on the driver, in time and memory that grow with the state; use storage.backend "
+            "spark-delta, or raise the limit knowing the cost (docs/performance.md)"
+        )
+
+
+def batch_state(store: TableStore, config: Config, events: DataFrame) -> DataFrame:
+    """The live state of the entities ``events`` touch, every type's, read in one scan and kept.
+
+    The state grows with every entity ever seen; a batch touches a few thousand: everything after
+    this reads those only.
+    """
+    keys = None
+    for random_effect in config.model.random_effects:
+        pairs = events.select(
+            F.lit(random_effect.name).alias("re_type"), F.col(random_effect.entity_column).alias("entity_id")
+        )
+        keys = pairs if keys is None else keys.unionByName(pairs)
+    state = store.read(LAST_WRITE)
+    if keys is None:
+        return state.limit(0)
+    return state.join(F.broadcast(keys.distinct()), ["re_type", "entity_id"], "left_semi").localCheckpoint(eager=True)
+
+
+def state_generation(store: TableStore, app_id: str) -> int | None:
+    """The generation the live state is on: recorded with its last write, unless someone wrote it since."""
+    last = store.last_guarded_commit(LAST_WRITE, app_id)
+    if last is not None and last.table_version == store.version(LAST_WRITE):
+        return last.guard.facts.get("generation")
+    # Emptied or edited by hand (docs/operations.md): look at the rows.
+    return store.read(LAST_WRITE).agg(F.max("generation")).first()[0]
+
+
 def run_nearline(spark: SparkSession, config: Config) -> None:
-    """Start the query and run it until it ends (available-now) or is told to stop."""
-    batches = StoppableBatches(NearlineUpdater(config))
+    """Start the query and run it until it ends (available-now) or is told to stop.
+
+    On Spark Connect the updater itself is pickled to the server, where its batches run (a stop waits for the
+    query to be between triggers); on a classic session it runs here, wrapped so that a stop refuses new batches.
+    """
+    updater = NearlineUpdater(config, stream_id=None)
     source = read_stream(spark, config.stream, typed_raw_schema(config.model))
+    if is_connect(spark):
+        run_until_stopped(start(source, updater, config.stream, QUERY_NAME))
+        return
+    batches = StoppableBatches(updater)
     run_until_stopped(start(source, batches, config.stream, QUERY_NAME), batches)
 
 

@@ -23,6 +23,18 @@ ALLOWED: dict[str, set[str]] = {
     "jobs.streaming": {"pyspark", "jobs.runtime", "jobs.storage"},
     "jobs.game": THIRD_PARTY_CORE | {"pyspark", "jobs.runtime", "jobs.storage", "udfs", "lambda_learner"},
     "jobs.simulate": THIRD_PARTY_CORE | {"pyarrow", "lambda_learner"},
+    "jobs.evaluate": THIRD_PARTY_CORE
+    | {
+        "pyspark",
+        "pandas",
+        "matplotlib",
+        "jobs.runtime",
+        "jobs.storage",
+        "jobs.game",
+        "jobs.simulate",
+        "lambda_learner",
+    },
+    "jobs.labels": {"pyspark", "jobs.runtime", "jobs.storage", "jobs.streaming"},
 }
 # Executors unpickle the settings: they must not need YAML (or Spark) to do it.
 STANDARD_LIBRARY_ONLY = {"jobs.runtime.settings", "jobs.runtime.errors"}

@@ -46,10 +46,17 @@ def load_generation(store: TableStore, model: ModelConfig, number: int) -> Gener
 
 
 def priors_of(store: TableStore, generation: int, random_effect: RandomEffectConfig) -> DataFrame:
-    """``(entity_id, coefficients)`` of one random-effect type in a generation's priors."""
-    priors = store.read("re_priors")
-    return priors.where((F.col("generation") == generation) & (F.col("re_type") == random_effect.name)).select(
-        "entity_id", "coefficients"
+    """``(entity_id, coefficients, rows)`` of one random-effect type in a generation's priors, one row per entity.
+
+    Two publications of one generation (two nightly runs that raced past their lease) could leave an
+    entity twice: the prior trained on more rows (then the later one) is kept, the same one every time.
+    """
+    priors = store.read("re_priors").where(
+        (F.col("generation") == generation) & (F.col("re_type") == random_effect.name)
+    )
+    chosen = F.max_by(F.struct("coefficients", "rows"), F.struct("rows", "trained_at", "cutoff_batch_id"))
+    return (
+        priors.groupBy("entity_id").agg(chosen.alias("prior")).select("entity_id", "prior.coefficients", "prior.rows")
     )
 
 
@@ -75,8 +82,13 @@ def publish(
     cutoff: int,
     fixed_effect: FixedEffectScorer,
     random_effects: dict[str, RandomEffectModel],
+    report: dict | None = None,
 ) -> None:
-    """Priors first, the fixed effect last (the commit point); each replaces what a crashed run left of ``number``."""
+    """Priors first, the fixed effect last (the commit point); each replaces what a crashed run left of ``number``.
+
+    The commit point records ``report`` with its guard: a run killed before writing its metrics row leaves
+    enough for the next run to write it.
+    """
     spark = store.spark
     guard = publication_guard(config, number, cutoff)
     where = f"generation = {number}"
@@ -105,4 +117,5 @@ def publish(
         F.lit(cutoff).cast("long").alias("cutoff_batch_id"),
         F.current_timestamp().alias("trained_at"),
     )
-    store.overwrite("fixed_effect", frame.select(*FIXED_EFFECT.fieldNames()), guard=guard, where=where)
+    committed = Guard(guard.app_id, guard.version, {"report": report} if report is not None else {})
+    store.overwrite("fixed_effect", frame.select(*FIXED_EFFECT.fieldNames()), guard=committed, where=where)

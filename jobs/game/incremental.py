@@ -1,6 +1,6 @@
-"""Incremental updates of the random effects on a batch of events, from a state of live coefficients.
+"""Incremental updates of the random effects on events, from a state of live coefficients.
 
-The same function serves live micro-batches, the replay of a rebase and offline references.
+The same function serves live micro-batches, the one-pass replay of a rebase and offline references.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from pyspark.sql import functions as F
 from jobs.game.fixed_effect import FixedEffectScorer
 from jobs.game.generation import Generation, priors_of
 from jobs.game.model import Coordinates
-from jobs.game.random_effect import RandomEffectModel, coefficient_records
+from jobs.game.random_effect import RandomEffectModel, coefficient_records, updated_scores
 from jobs.runtime.settings import Config
 from jobs.storage.schemas import RE_STATE
 from jobs.storage.store import TableStore
+from udfs.entity_kernels import FAILURES
 
 # Sample keys for the row cap: a fixed seed, so a replayed batch keeps the same rows.
 ROW_CAP_SEED = 29
@@ -24,7 +25,7 @@ ROW_CAP_SEED = 29
 
 @dataclass
 class Update:
-    """One batch's events applied to a state: the new state rows of the entities it touched, and its figures."""
+    """Events applied to a state: the new state rows of the entities they touched, and their figures."""
 
     state: DataFrame
     values: dict[str, float] = field(default_factory=dict)
@@ -37,17 +38,19 @@ def apply_events(
     fixed_effect: FixedEffectScorer,
     generation: int | None,
     batch_id: int,
+    *,
+    in_batches: bool = False,
 ) -> Update:
     """Update each random-effect type in turn on ``events`` (events-table rows) from ``state`` (re_state rows).
 
-    Type k's offset is the fixed effect plus the updated scores of the types before it and the
-    current scores of the types after it.
+    Type k's offset is the fixed effect, plus each earlier type's score of the row right after its update,
+    plus each later type's score before any update. ``in_batches``: ``events`` span several micro-batches,
+    applied per entity in batch order in one pass (a rebase's replay); ``batch_id`` is the last of them.
     """
     coordinates = Coordinates.of(config, config.nearline.buckets, ROW_CAP_SEED)
     random_effects = coordinates.random_effects
-    scored = coordinates.fixed_effect.with_score(
-        events.withColumn("row_key", F.xxhash64("event_id", "batch_id")), fixed_effect
-    )
+    keyed = events.withColumn("row_key", F.xxhash64("event_id", "batch_id"))
+    scored = coordinates.fixed_effect.with_score(keyed, fixed_effect)
     current = {r.name: state.where(F.col("re_type") == r.name) for r in random_effects}
     # The first type's current scores are never an offset: every other type's are.
     for random_effect in random_effects[1:]:
@@ -56,11 +59,16 @@ def apply_events(
     updated_types = []
     for position, random_effect in enumerate(random_effects):
         offset = coordinates.offset_for(random_effect.score_column)
-        updated = _materialised(random_effect.update(scored, offset, current[random_effect.name]))
+        updated = _materialised(
+            random_effect.update(scored, offset, current[random_effect.name], in_batches=in_batches)
+        )
         values |= _type_figures(updated, random_effect.name, position, len(random_effects))
         updated_types.append(_as_state(updated, random_effect.name, generation, batch_id))
         if position < len(random_effects) - 1:
-            scored = _materialised(random_effect.with_score(scored, RandomEffectModel(updated_types[-1])))
+            # The kernel scored every row right after its own batch's update: no second pass over the rows.
+            scores = updated_scores(updated).withColumnRenamed("score", random_effect.score_column)
+            joined = scored.drop(random_effect.score_column).join(scores, "row_key", "left")
+            scored = _materialised(joined.fillna(0.0, [random_effect.score_column]))
     new_state = state.limit(0)
     for frame in updated_types:
         new_state = new_state.unionByName(frame)
@@ -97,34 +105,36 @@ def _materialised(frame: DataFrame) -> DataFrame:
 
 
 def _as_state(updated: DataFrame, re_type: str, generation: int | None, batch_id: int) -> DataFrame:
-    """The updated entities as re_state rows; a failed update keeps its prior's coefficients and counts."""
-    converged = F.col("converged")
+    """The updated entities as re_state rows; a failed batch of an entity leaves its coefficients and counts."""
     return updated.select(
         F.lit(re_type).alias("re_type"),
         "entity_id",
         F.lit(generation).cast("long").alias("generation"),
         coefficient_records(updated).alias("coefficients"),
         F.lit(batch_id).cast("long").alias("last_batch_id"),
-        (F.col("updates") + converged.cast("long")).alias("updates"),
-        (F.col("total_rows") + F.when(converged, F.col("rows")).otherwise(0)).alias("rows"),
+        (F.col("updates") + F.col("converged_batches")).alias("updates"),
+        (F.col("total_rows") + F.col("converged_rows")).alias("rows"),
         F.current_timestamp().alias("updated_at"),
     )
 
 
 def _type_figures(updated: DataFrame, re_type: str, position: int, types: int) -> dict[str, float]:
+    reasons = [reason for reason in FAILURES if reason is not None]
     totals = updated.agg(
         F.count("*").alias("entities"),
         F.sum((~F.col("had_prior")).cast("long")).alias("new"),
-        F.sum((~F.col("converged")).cast("long")).alias("failed"),
+        F.sum(F.col("batches") - F.col("converged_batches")).alias("failed"),
         F.sum("loss_before").alias("loss_before"),
         F.sum("loss_after").alias("loss_after"),
         F.sum("rows").alias("rows"),
+        *[F.sum((F.col("failure") == reason).cast("long")).alias(reason) for reason in reasons],
     ).first()
     figures = {
         f"entities_updated.{re_type}": float(totals.entities),
         f"new_entities.{re_type}": float(totals.new or 0),
         f"failed_updates.{re_type}": float(totals.failed or 0),
     }
+    figures |= {f"failures.{re_type}.{reason}": float(totals[reason]) for reason in reasons if totals[reason]}
     rows = float(totals.rows or 0)
     # The first type's loss before is the whole model's before the batch; the last type's after, after it.
     if position == 0 and rows:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.runtime.settings import RandomEffectConfig
@@ -68,14 +68,18 @@ class RandomEffect:
             min_rows=self.config.min_rows,
         )
         start = previous.coefficients if previous is not None else None
-        updated = self.updated(self.rows(frame, offset), start, kernel)
+        updated = self.updated(self._capped(self.rows(frame, offset)), start, kernel)
         fitted = updated.select("entity_id", coefficient_records(updated).alias("coefficients"), "rows")
         return RandomEffectModel(fitted.localCheckpoint(eager=True))
 
-    def update(self, frame: DataFrame, offset: Column, current: DataFrame) -> DataFrame:
-        """The sequential Bayesian update (the type's ``delta``) of each entity with rows: ``UPDATE_FIELDS``."""
+    def update(self, frame: DataFrame, offset: Column, current: DataFrame, *, in_batches: bool = False) -> DataFrame:
+        """The sequential Bayesian update (the type's ``delta``) of each entity with rows: ``UPDATE_FIELDS``.
+
+        ``in_batches``: the rows span several micro-batches (their ``batch_id``), applied one after the
+        other in batch order, each with the previous one's posterior as prior, all in one pass.
+        """
         kernel = UpdateKernel(self.task, self.config.penalty, self.config.delta, self.config.max_rows_per_entity)
-        return self.updated(self.rows(frame, offset), current, kernel)
+        return self.updated(self.rows(frame, offset, in_batches=in_batches), current, kernel)
 
     def with_score(
         self,
@@ -92,12 +96,15 @@ class RandomEffect:
         scores = self.scores(frame, model.coefficients, kernel, draw_group).withColumnRenamed("score", column)
         return frame.drop(column).join(scores, "row_key", "left").fillna(0.0, [column])
 
-    def rows(self, frame: DataFrame, offset: Column) -> DataFrame:
+    def rows(self, frame: DataFrame, offset: Column, *, in_batches: bool = False) -> DataFrame:
         """One row per event for this type: the kernel's row fields (``udfs.entity_kernels.ROW_FIELDS``).
 
-        ``frame`` needs ``row_key`` (unique per row) besides the events-table columns.
+        ``frame`` needs ``row_key`` (unique per row) besides the events-table columns; with ``in_batches``,
+        each row keeps its ``batch_id``.
         """
-        return frame.select(
+        batches = [F.col("batch_id")] if in_batches else []
+        # Events from before this type existed (a migration added it) have no entity of it.
+        return frame.where(F.col(self.config.entity_column).isNotNull()).select(
             F.col(self.config.entity_column).alias("entity_id"),
             F.col("row_key"),
             F.xxhash64(F.col("event_id"), F.lit(self.seed)).alias("sample_key"),
@@ -105,6 +112,7 @@ class RandomEffect:
             F.col("weight"),
             offset.cast("double").alias("offset"),
             *bag_arrays(self.config.feature_bag),
+            *batches,
         )
 
     def updated(self, rows: DataFrame, current: DataFrame | None, kernel: UpdateKernel) -> DataFrame:
@@ -131,8 +139,21 @@ class RandomEffect:
         grouped = self._cogrouped(rows, coefficient_arrays(coefficients, rows))
         return grouped.applyInPandas(_two_arguments(kernel), ddl(SCORE_FIELDS)).select("row_key", "score")
 
+    def _capped(self, rows: DataFrame) -> DataFrame:
+        """Each entity's rows beyond ``max_rows_per_entity`` dropped in Spark, before any group reaches pandas.
+
+        The rows kept are the ones the kernel would keep (smallest sample keys): a hot entity with millions
+        of rows in the window never fills an executor's memory. Partitioned by the group key first, so the
+        window and the cogroup after it share one shuffle.
+        """
+        grouped = rows.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets)).repartition(GROUP)
+        order = Window.partitionBy(GROUP, "entity_id").orderBy("sample_key", "row_key")
+        ranked = grouped.withColumn("_rank", F.row_number().over(order))
+        return ranked.where(F.col("_rank") <= self.config.max_rows_per_entity).drop("_rank")
+
     def _cogrouped(self, rows: DataFrame, coefficients: DataFrame):
-        rows = rows.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets))
+        if GROUP not in rows.columns:
+            rows = rows.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets))
         coefficients = coefficients.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets))
         return rows.groupBy(GROUP).cogroup(coefficients.groupBy(GROUP))
 
@@ -168,6 +189,12 @@ def coefficient_arrays(table: DataFrame | None, rows: DataFrame) -> DataFrame:
     )
     needed = arrays.join(rows.select("entity_id").distinct(), "entity_id", "left_semi")
     return needed.select(*[name for name, _ in COEFFICIENT_FIELDS])
+
+
+def updated_scores(updated: DataFrame) -> DataFrame:
+    """``(row_key, score)``: each updated row's score under its entity's coefficients right after its own batch."""
+    pairs = F.explode(F.arrays_zip(F.col("row_keys").alias("row_key"), F.col("row_scores").alias("score")))
+    return updated.select(pairs.alias("pair")).select("pair.row_key", "pair.score")
 
 
 def coefficient_records(arrays: DataFrame) -> Column:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
+from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.game.fixed_effect import FixedEffectScorer
 from jobs.game.generation import Generation, priors_of
 from jobs.game.model import with_game_scores
+from jobs.game.random_effect import entity_group
 from jobs.runtime.settings import Config
 from jobs.storage.store import TableStore
-from lambda_learner import metrics
+from udfs.entity_kernels import ddl
+from udfs.entity_metrics import ENTITY_AUC_FIELDS, entity_aucs
 
 
 def validate(
@@ -32,30 +36,56 @@ def validate(
         current_coefficients = {r.name: priors_of(store, current.number, r) for r in config.model.random_effects}
         previous = with_game_scores(holdout, config, current.fixed_effect, current_coefficients, buckets)
         new = new.join(previous.select("row_key", F.col("score").alias("score_current")), "row_key")
-    rows = new.toPandas()
-    if rows.empty:
+    # Computed where the rows are: a hold-out of any size never reaches the driver.
+    rows = new.localCheckpoint(eager=True)
+    if rows.isEmpty():
         return {}, True, "no hold-out rows to validate on"
-    labels, weights = rows["label"].to_numpy(), rows["weight"].to_numpy()
-    measured = _holdout_metrics(config, rows, labels, weights, "fixed_only", rows["score_fixed"].to_numpy())
-    measured |= _holdout_metrics(config, rows, labels, weights, "full", rows["score"].to_numpy())
+    measured = holdout_metrics(config, rows, "fixed_only", "score_fixed")
+    measured |= holdout_metrics(config, rows, "full", "score")
     if current is None:
         return measured, True, "first generation"
-    measured |= _holdout_metrics(config, rows, labels, weights, "current", rows["score_current"].to_numpy())
+    measured |= holdout_metrics(config, rows, "current", "score_current")
     return (measured, *_gate(config, measured))
 
 
-def _holdout_metrics(config: Config, rows, labels, weights, prefix: str, scores: np.ndarray) -> dict[str, float]:
+def holdout_metrics(config: Config, rows: DataFrame, prefix: str, column: str) -> dict[str, float]:
+    """The metrics of one score column, computed by Spark: weighted AUC, log loss, calibration; RMSE for linear."""
+    score, label, weight = F.col(column), F.col("label"), F.col("weight")
     if config.model.task == "linear":
-        return {f"{prefix}.rmse": metrics.rmse(scores, labels, weights)}
+        (value,) = rows.agg(F.sqrt(F.sum(weight * (score - label) ** 2) / F.sum(weight))).first()
+        return {f"{prefix}.rmse": float(value)}
+    positive = (label > 0).cast("double")
+    margin = F.when(label > 0, score).otherwise(-score)
+    # log(1 + exp(-margin)) without overflow.
+    loss = F.greatest(-margin, F.lit(0.0)) + F.log1p(F.exp(-F.abs(margin)))
+    totals = rows.agg(
+        F.sum(weight).alias("weight"),
+        F.sum(weight * loss).alias("loss"),
+        F.sum(weight * positive).alias("positive"),
+        F.sum(weight / (1 + F.exp(-score))).alias("expected"),
+    ).first()
+    evaluator = BinaryClassificationEvaluator(
+        rawPredictionCol=column, labelCol="label", weightCol="weight", metricName="areaUnderROC", numBins=0
+    )
     measured = {
-        f"{prefix}.auc": metrics.auc(scores, labels, weights),
-        f"{prefix}.log_loss": metrics.log_loss(scores, labels, weights),
-        f"{prefix}.calibration": metrics.calibration(scores, labels, weights),
+        f"{prefix}.auc": float(evaluator.evaluate(rows)),
+        f"{prefix}.log_loss": float(totals.loss / totals.weight),
+        f"{prefix}.calibration": float(totals.positive / totals.expected),
     }
     for random_effect in config.model.random_effects:
-        value, _ = metrics.per_entity_auc(scores, labels, rows[random_effect.entity_column].to_numpy())
-        measured[f"{prefix}.per_entity_auc.{random_effect.name}"] = value
+        measured[f"{prefix}.per_entity_auc.{random_effect.name}"] = _per_entity_auc(
+            rows, random_effect.entity_column, column, config.nightly.entity_buckets
+        )
     return measured
+
+
+def _per_entity_auc(rows: DataFrame, entity_column: str, column: str, buckets: int) -> float:
+    """The mean over entities with both labels of each entity's (unweighted) AUC, by buckets of whole entities."""
+    scored = rows.select(F.col(entity_column).alias("entity_id"), F.col(column).alias("score"), "label")
+    grouped = scored.groupBy(entity_group(F.col("entity_id"), buckets))
+    aucs = grouped.applyInPandas(entity_aucs, ddl(ENTITY_AUC_FIELDS))
+    (mean,) = aucs.agg(F.avg("auc")).first()
+    return float("nan") if mean is None else float(mean)
 
 
 def _gate(config: Config, measured: dict[str, float]) -> tuple[bool, str]:
@@ -76,3 +106,21 @@ def _gate(config: Config, measured: dict[str, float]) -> tuple[bool, str]:
             f"hold-out log loss {measured['full.log_loss']:.4f} is {loss_rise:.4f} above the current generation's",
         )
     return True, "not worse than the current generation"
+
+
+def non_finite(
+    validation: dict[str, float], fixed_effect: FixedEffectScorer, coefficients: dict[str, DataFrame]
+) -> str | None:
+    """Why a trained model must not be published (a hold-out metric or a coefficient is NaN or infinite), or None."""
+    broken = sorted(key for key, value in validation.items() if not math.isfinite(value))
+    if broken:
+        return f"hold-out metrics are not finite: {', '.join(broken)}"
+    numbers = [value for row in fixed_effect.coefficient_rows() for value in row[2:]]
+    if not all(math.isfinite(value) for value in numbers):
+        return "the fixed effect has a coefficient or variance that is not finite"
+    for name, frame in coefficients.items():
+        values = F.flatten(F.transform("coefficients", lambda c: F.array(c["mean"], c["variance"])))
+        bad = frame.where(F.exists(values, lambda v: F.isnan(v) | (F.abs(v) == float("inf")))).limit(1).count()
+        if bad:
+            return f"random effect {name} has an entity with a coefficient or variance that is not finite"
+    return None

@@ -20,3 +20,11 @@ class GenerationNotFoundError(LookupError):
 
 class QueryFailedError(RuntimeError):
     """A streaming query stopped with an error."""
+
+
+class HalfWrittenBatchError(RuntimeError):
+    """A stream must not start while another stream's micro-batch is half written in the same tables."""
+
+
+class ConcurrentRunError(RuntimeError):
+    """Another run of the same job holds the tables."""

@@ -105,6 +105,11 @@ class StorageConfig:
     catalog: str | None = None
     schema: str | None = None
     storage_options: Mapping[str, str] = field(default_factory=dict)
+    # The live state's MERGE marks replaced rows deleted instead of rewriting their files (Spark's Delta only).
+    deletion_vectors: bool = False
+    # delta-rs rewrites, on the driver, every file of the live state holding an entity a batch updates:
+    # past this many entities a batch costs more than twice what it does on a small state (docs/performance.md).
+    delta_rs_max_state_entities: int = _checked(2_000_000, AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,25 @@ class StreamConfig:
     trigger: Literal["available_now", "processing_time"] = "processing_time"
     processing_time: str = "1 minute"
     checkpoint: str = "var/checkpoints/nearline"
-    max_files_per_trigger: int | None = _checked(None, AT_LEAST_ONE)
+    # Rate limits: after an outage a backlog becomes several bounded batches, not one that fails at every restart.
+    max_files_per_trigger: int | None = _checked(100, AT_LEAST_ONE)
+    max_offsets_per_trigger: int | None = _checked(100_000, AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """What the nearline job accepts as a training event, and how long the events table keeps them.
+
+    Event times are checked against the time the batch was first ingested; ``duplicate_lookback_days``
+    (default: the nightly window) is how far back a repeated ``event_id`` is looked for.
+    """
+
+    max_future_minutes: float = _checked(60.0, NON_NEGATIVE)
+    max_age_days: float = _checked(3650.0, POSITIVE)
+    max_abs_feature_value: float = _checked(1e6, POSITIVE)
+    max_features_per_bag: int = _checked(1000, AT_LEAST_ONE)
+    duplicate_lookback_days: float | None = _checked(None, NON_NEGATIVE)
+    retention_days: float = _checked(30.0, POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -149,6 +172,50 @@ class NightlyConfig(EntityGrouping):
     loss_tolerance: float = _checked(0.01, NON_NEGATIVE)
     force_publish: bool = False
     seed: int = 17
+    # A run holds the tables for this long, renewed while it runs: how long a killed run blocks the next.
+    lease_minutes: float = _checked(5.0, POSITIVE)
+
+
+@dataclass(frozen=True)
+class LabelJoinStream:
+    """One input stream of the label join; each key means what the ``stream`` key of that name means."""
+
+    source: Literal["files", "kafka", "autoloader", "delta"] = "files"
+    path: str = "var/impressions"
+    format: Literal["json", "parquet"] = "json"
+    options: Mapping[str, str] = field(default_factory=dict)
+    max_files_per_trigger: int | None = _checked(100, AT_LEAST_ONE)
+    max_offsets_per_trigger: int | None = _checked(100_000, AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class FeedbackKind:
+    """A kind of feedback on the clicks stream, and the label and weight it gives its impression."""
+
+    name: str
+    label: float = 1.0
+    weight: float = _checked(1.0, POSITIVE)
+
+
+@dataclass(frozen=True)
+class LabelJoinConfig:
+    """The label join: impressions and clicks in, labelled events out (docs/label_join.md)."""
+
+    app_id: str = "lambda-learner-label-join"
+    impressions: LabelJoinStream = LabelJoinStream(path="var/impressions")
+    clicks: LabelJoinStream = LabelJoinStream(path="var/clicks")
+    trigger: Literal["available_now", "processing_time"] = "processing_time"
+    processing_time: str = "1 minute"
+    checkpoint: str = "var/checkpoints/label_join"
+    attribution_window_minutes: float = _checked(30.0, POSITIVE)
+    allowed_lateness_minutes: float = _checked(10.0, NON_NEGATIVE)
+    orphan_lookback_minutes: float = _checked(120.0, POSITIVE)
+    negative_sampling_rate: float = _checked(1.0, Check(low=0, high=1, low_open=True))
+    feedback: tuple[FeedbackKind, ...] = (FeedbackKind("click"),)
+    output_table: str = "labelled_events"
+    pending_table: str = "label_join_pending"
+    quarantine_table: str = "label_join_quarantine"
+    metrics_table: str = "label_join_metrics"
 
 
 @dataclass(frozen=True)
@@ -157,8 +224,10 @@ class Config:
     spark: SparkConfig = SparkConfig()
     storage: StorageConfig = StorageConfig()
     stream: StreamConfig = StreamConfig()
+    events: EventsConfig = EventsConfig()
     nearline: NearlineConfig = NearlineConfig()
     nightly: NightlyConfig = NightlyConfig()
+    label_join: LabelJoinConfig = LabelJoinConfig()
 
     def random_effect(self, name: str) -> RandomEffectConfig:
         for random_effect in self.model.random_effects:
@@ -277,6 +346,87 @@ def _check_consistency(config: Config) -> None:
         )
     if config.stream.source == "kafka" and "kafka.bootstrap.servers" not in config.stream.options:
         raise ConfigError("config key 'stream.options' must set kafka.bootstrap.servers when stream.source is kafka")
+    _check_columns(config)
+    if config.nearline.app_id == config.nightly.app_id:
+        # The nightly's guard versions on the metrics table would swallow the nearline job's rows.
+        raise ConfigError(
+            f"config key 'nightly.app_id' must differ from nearline.app_id; both are {config.nightly.app_id!r}"
+        )
+    if config.storage.deletion_vectors and config.storage.backend == "delta-rs":
+        raise ConfigError(
+            "config key 'storage.deletion_vectors' needs storage.backend spark-delta (delta-rs writes none)"
+        )
+    if (config.storage.catalog is None) != (config.storage.schema is None):
+        raise ConfigError("config keys 'storage.catalog' and 'storage.schema' go together: set both or neither")
+    if config.events.retention_days < config.nightly.window_days:
+        raise ConfigError(
+            f"config key 'events.retention_days' must be >= nightly.window_days ({config.nightly.window_days}); "
+            f"got {config.events.retention_days}: the nightly job would train on events already dropped"
+        )
+    _check_label_join(config)
+
+
+# Columns of the events table, and of the frames the jobs build from it: no event field may take these names.
+RESERVED_COLUMNS = frozenset(
+    {"event_id", "event_time", "label", "weight", "features", "batch_id", "ingested_at", "event_date"}
+    | {"row_key", "sample_key", "offset", "entity_id", "score", "names", "terms", "values", "reason"}
+)
+RESERVED_PREFIXES = ("features_", "score_", "_")
+
+
+def _check_columns(config: Config) -> None:
+    """Entity columns and the outside score column must not take a name the tables or the jobs use."""
+    named = [
+        (f"model.random_effects[{i}].entity_column", r.entity_column) for i, r in enumerate(config.model.random_effects)
+    ]
+    if config.model.fixed_effect.source == "score_column":
+        named.append(("model.fixed_effect.score_column", config.model.fixed_effect.score_column))
+    for key, column in named:
+        if column in RESERVED_COLUMNS or column.startswith(RESERVED_PREFIXES):
+            raise ConfigError(
+                f"config key {key!r} must not be {column!r}: the events table uses that name "
+                f"(reserved: {', '.join(sorted(RESERVED_COLUMNS))} and names starting {', '.join(RESERVED_PREFIXES)})"
+            )
+
+
+# The tables of the nearline and nightly jobs: the label join writes none of them (one writer per table).
+_NOT_LABEL_JOIN_TABLES = ("events", "quarantine", "fixed_effect", "re_priors", "re_state", "metrics")
+
+
+def _check_label_join(config: Config) -> None:
+    """The label join's rules that span keys."""
+    join = config.label_join
+    if join.orphan_lookback_minutes < join.attribution_window_minutes:
+        raise ConfigError(
+            "config key 'label_join.orphan_lookback_minutes' must be >= label_join.attribution_window_minutes; "
+            f"got {join.orphan_lookback_minutes!r} < {join.attribution_window_minutes!r}"
+        )
+    if not join.feedback:
+        raise ConfigError("config key 'label_join.feedback' must list at least one kind of feedback")
+    names: set[str] = set()
+    for index, kind in enumerate(join.feedback):
+        if kind.name in names:
+            raise ConfigError(f"config key 'label_join.feedback[{index}].name' repeats {kind.name!r}")
+        names.add(kind.name)
+        if config.model.task == "logistic" and kind.label not in (0.0, 1.0):
+            raise ConfigError(
+                f"config key 'label_join.feedback[{index}].label' must be 0 or 1 for task logistic; got {kind.label!r}"
+            )
+    for name, stream in (("impressions", join.impressions), ("clicks", join.clicks)):
+        if stream.source == "kafka" and "kafka.bootstrap.servers" not in stream.options:
+            raise ConfigError(
+                f"config key 'label_join.{name}.options' must set kafka.bootstrap.servers when its source is kafka"
+            )
+    if join.app_id in (config.nearline.app_id, config.nightly.app_id):
+        raise ConfigError(
+            f"config key 'label_join.app_id' must differ from the other jobs' app ids; got {join.app_id!r}"
+        )
+    tables: set[str] = set()
+    for key in ("output_table", "pending_table", "quarantine_table", "metrics_table"):
+        table = getattr(join, key)
+        if table in tables or table in _NOT_LABEL_JOIN_TABLES:
+            raise ConfigError(f"config key 'label_join.{key}' must name a table of the label join's own; got {table!r}")
+        tables.add(table)
 
 
 def _scalar_text(value: Any) -> str:

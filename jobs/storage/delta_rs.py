@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -52,6 +52,12 @@ class DeltaRsStore(TableStore):
 
     def read(self, name: str, *, version: int | None = None, where: str | None = None) -> DataFrame:
         table = self._table(name, version)
+        if "deletionVectors" in (table.protocol().reader_features or []):
+            # Its files still hold the rows the vectors delete: reading them as they are would be wrong.
+            raise ConfigError(
+                f"table {name!r} has deletion vectors (storage.deletion_vectors, written by Spark's Delta): "
+                "read it with storage.backend spark-delta"
+            )
         schema = spark_schema(table)
         # The snapshot's own files (the folder also holds files later commits removed), pruned by ``where``.
         paths = [self._spark_path(uri) for uri in table.file_uris(file_pruning_predicate=where)]
@@ -86,6 +92,24 @@ class DeltaRsStore(TableStore):
             if limit is None or len(page) < limit:
                 return
             seen = len(page)
+
+    def replace(self, name: str, frame: DataFrame, schema: StructType, *, partition_by: Sequence[str] = ()) -> None:
+        import pyarrow as pa
+        from deltalake import Schema as RsSchema
+        from deltalake import write_deltalake
+
+        data = frame.toArrow().cast(pa.schema(RsSchema.from_json(schema.json()).to_arrow()))
+        write_deltalake(
+            self._table(name), data, mode="overwrite", schema_mode="overwrite", partition_by=list(partition_by) or None
+        )
+
+    def row_count(self, name: str) -> int:
+        """The table's rows, from its files' statistics (no file is read)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        actions = pa.table(self._table(name).get_add_actions(flatten=True))  # an Arrow C-stream table
+        return int(pc.sum(actions.column("num_records")).as_py() or 0) if actions.num_rows else 0
 
     def delete(self, name: str, where: str) -> None:
         self._table(name).delete(where)

@@ -9,12 +9,13 @@ typed columns (parquet files, a Delta table).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType, TimestampType
 
-from jobs.runtime.settings import ModelConfig
+from jobs.runtime.settings import EventsConfig, ModelConfig
 from jobs.storage.schemas import FEATURES, bag_column, events_schema, feature_bags
 
 CORRUPT = "_corrupt_record"
@@ -51,16 +52,22 @@ def typed_raw_schema(model: ModelConfig) -> StructType:
     )
 
 
-def parse_events(raw: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEvents:
-    """Split raw events into valid rows (tagged with ``batch_id``) and rejected rows with a reason."""
-    return split_events(classify_events(raw, model), model, batch_id)
+def parse_events(
+    raw: DataFrame, model: ModelConfig, batch_id: int, rules: EventsConfig, ingested: datetime
+) -> ParsedEvents:
+    """Split raw events into valid rows (tagged with ``batch_id``) and rejected rows with a reason.
+
+    ``ingested`` is when the batch was first ingested: event times are judged against it (the same
+    time for a replay of the batch, so a replay judges every event the same way).
+    """
+    return split_events(classify_events(raw, model, rules, ingested), model, batch_id)
 
 
-def classify_events(raw: DataFrame, model: ModelConfig) -> DataFrame:
+def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ingested: datetime) -> DataFrame:
     """Every raw event with its parsed fields and ``reason`` (null when valid), materialised: parsing, done once."""
     text = raw.columns == [TEXT_COLUMN]
     candidates = _from_text(raw, model) if text else _from_columns(raw, model)
-    candidates = candidates.withColumn("reason", _reason(model)).localCheckpoint(eager=True)
+    candidates = candidates.withColumn("reason", _reason(model, rules, ingested)).localCheckpoint(eager=True)
     valid = candidates.where(F.col("reason").isNull())
     counts = valid.agg(F.count("*").alias("events"), F.countDistinct("event_id").alias("ids")).first()
     if counts.events == counts.ids:
@@ -77,10 +84,13 @@ def classify_events(raw: DataFrame, model: ModelConfig) -> DataFrame:
 def split_events(candidates: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEvents:
     """Classified events as events-table rows and quarantine rows."""
     now = F.current_timestamp()
+    stored = {
+        "batch_id": F.lit(batch_id).cast("long"),
+        "ingested_at": now,
+        "event_date": F.to_date("event_time"),
+    }
     valid = candidates.where(F.col("reason").isNull()).select(
-        *[_valid_column(field.name, model) for field in events_schema(model).fields[:-2]],
-        F.lit(batch_id).cast("long").alias("batch_id"),
-        now.alias("ingested_at"),
+        *[stored.get(field.name, _valid_column(field.name, model)).alias(field.name) for field in events_schema(model)]
     )
     # Typed input becomes JSON text only for the rows that need it: the rejected ones.
     payload = F.col("_payload") if "_payload" in candidates.columns else F.to_json(F.col("_raw"))
@@ -130,20 +140,27 @@ def _from_columns(raw: DataFrame, model: ModelConfig) -> DataFrame:
     )
 
 
-def _reason(model: ModelConfig) -> Column:
+def _reason(model: ModelConfig, bounds: EventsConfig, ingested: datetime) -> Column:
     """The first rule of docs/events.md the event breaks, or null."""
+    latest = ingested + timedelta(minutes=bounds.max_future_minutes)
+    earliest = ingested - timedelta(days=bounds.max_age_days)
+    time = F.col("event_time")
     rules: list[tuple[Column, str]] = [
         (F.col("malformed"), "malformed_payload"),
         (_blank(F.col("event_id")), "missing_event_id"),
-        (F.col("event_time").isNull(), "bad_event_time"),
+        (time.isNull(), "bad_event_time"),
+        (time > F.lit(latest), f"bad_event_time:after {latest.isoformat()}"),
+        (time < F.lit(earliest), f"bad_event_time:before {earliest.isoformat()}"),
         (F.col("label").isNull(), "missing_label"),
         (~_label_in_domain(model), "label_out_of_domain"),
         (F.col("weight").isNotNull() & (~_finite(F.col("weight")) | (F.col("weight") < 0)), "bad_weight"),
     ]
     rules += [(_blank(F.col(r.entity_column)), f"missing_entity_id:{r.entity_column}") for r in model.random_effects]
     if model.fixed_effect.source == "score_column":
-        rules.append((~_finite(F.col(model.fixed_effect.score_column)), "missing_score"))
-    bad_feature = F.lit(False)
+        score = F.col(model.fixed_effect.score_column)
+        rules.append((~_finite(score), "missing_score"))
+        rules.append((F.abs(score) > bounds.max_abs_feature_value, "bad_score"))
+    bad_feature, too_many = F.lit(False), []
     for bag in feature_bags(model):
         features = F.coalesce(F.col("features")[bag], F.array().cast(FEATURES))
         # Array functions on the fields, not a lambda per feature: this runs on every event.
@@ -156,8 +173,13 @@ def _reason(model: ModelConfig) -> Column:
             | F.array_contains(values, float("nan"))
             | F.array_contains(values, float("inf"))
             | F.array_contains(values, float("-inf"))
+            # Finite but huge values overflow the scores downstream.
+            | (F.coalesce(F.array_max(values), F.lit(0.0)) > bounds.max_abs_feature_value)
+            | (F.coalesce(F.array_min(values), F.lit(0.0)) < -bounds.max_abs_feature_value)
         )
+        too_many.append((F.size(features) > bounds.max_features_per_bag, f"too_many_features:{bag}"))
     rules.append((bad_feature, "bad_feature"))
+    rules += too_many
     reason = F.lit(None).cast("string")
     for broken, name in reversed(rules):
         reason = F.when(F.coalesce(broken, F.lit(True)), F.lit(name)).otherwise(reason)

@@ -6,10 +6,13 @@ format, so a notebook reads a model with plain SQL.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
+    DateType,
     DoubleType,
     LongType,
     MapType,
@@ -19,7 +22,11 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from jobs.runtime.errors import SchemaMismatchError
 from jobs.runtime.settings import ModelConfig
+
+if TYPE_CHECKING:
+    from jobs.storage.store import TableStore
 
 FEATURE = StructType(
     [
@@ -140,6 +147,8 @@ def events_schema(model: ModelConfig) -> StructType:
     fields += [
         StructField("batch_id", LongType(), False),
         StructField("ingested_at", TimestampType()),
+        # The partition: the nightly window and the retention read and drop whole days.
+        StructField("event_date", DateType(), False),
     ]
     return StructType(fields)
 
@@ -159,6 +168,28 @@ def metrics_row(
     return spark.createDataFrame([row], StructType(METRICS.fields[:-1])).withColumn(
         "recorded_at", F.current_timestamp()
     )
+
+
+# Partition columns by table (the others are not partitioned).
+PARTITIONING = {"events": ["event_date"]}
+
+
+def create_tables(store: TableStore, model: ModelConfig, *, deletion_vectors: bool = False) -> None:
+    """Every table of the system, created if missing (a table of another schema is refused).
+
+    ``deletion_vectors``: the live state is created with them (Spark's Delta only): its MERGE then
+    rewrites no file, whatever the state's size.
+    """
+    state = {"delta.enableDeletionVectors": "true"} if deletion_vectors else {}
+    for name, schema in table_schemas(model).items():
+        properties = state if name == "re_state" else {}
+        try:
+            store.create(name, schema, partition_by=PARTITIONING.get(name, ()), properties=properties)
+        except SchemaMismatchError as error:
+            raise SchemaMismatchError(
+                f"{error}. If you added or removed a random-effect type, a feature bag or the score column, stop "
+                "the jobs and run: python -m jobs.migrate --config <your settings> (docs/operations.md)"
+            ) from None
 
 
 def table_schemas(model: ModelConfig) -> dict[str, StructType]:

@@ -24,6 +24,7 @@ from pyspark.sql.types import StructType
 from jobs.runtime.errors import ConfigError
 from jobs.storage.store import (
     HISTORY_PAGES,
+    TABLE_PROPERTIES,
     TXN_APP_ID,
     TXN_VERSION,
     USER_METADATA,
@@ -44,6 +45,9 @@ class SparkDeltaStore(TableStore):
             raise ConfigError("config keys 'storage.catalog' and 'storage.schema' go together: set both or neither")
         super().__init__(spark, root or "")
         self.catalog, self.schema_name = catalog, schema
+
+    def allowed_properties(self) -> set[str]:
+        return {"delta.enableDeletionVectors"}  # for the live state, which only this engine writes
 
     def identifier(self, name: str) -> str:
         """The table as Spark SQL names it: ``delta.`<path>``` or ``catalog.schema.name``."""
@@ -104,6 +108,20 @@ class SparkDeltaStore(TableStore):
     def transaction_version(self, name: str, app_id: str) -> int | None:
         latest = next(self.guarded_commits(name, app_id), None)
         return None if latest is None else latest.guard.version
+
+    def replace(self, name: str, frame: DataFrame, schema: StructType, *, partition_by: Sequence[str] = ()) -> None:
+        columns = ", ".join(f"CAST(`{f.name}` AS {f.dataType.simpleString()}) AS `{f.name}`" for f in schema)
+        partitioning = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partition_by)})" if partition_by else ""
+        # The properties the store manages carry over (deletion vectors of the live state, column mapping).
+        properties = self.spark.sql(f"SHOW TBLPROPERTIES {self.identifier(name)}").collect()
+        kept = ", ".join(f"'{row.key}' = '{row.value}'" for row in properties if row.key in TABLE_PROPERTIES)
+        self._guarded_sql(
+            f"CREATE OR REPLACE TABLE {self.identifier(name)} USING DELTA{partitioning}"
+            + (f" TBLPROPERTIES ({kept})" if kept else "")
+            + f" AS SELECT {columns} FROM {{source}}",
+            frame,
+            None,
+        )
 
     def delete(self, name: str, where: str) -> None:
         self.spark.sql(f"DELETE FROM {self.identifier(name)} WHERE {where}")

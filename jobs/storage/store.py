@@ -201,6 +201,10 @@ class TableStore(ABC):
         return True
 
     @abstractmethod
+    def replace(self, name: str, frame: DataFrame, schema: StructType, *, partition_by: Sequence[str] = ()) -> None:
+        """Replaces the table's rows and columns with ``frame`` (of ``schema``), in one new version."""
+
+    @abstractmethod
     def delete(self, name: str, where: str) -> None:
         """Removes the rows matching the SQL predicate ``where`` (unguarded: deleting twice changes nothing)."""
 

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -14,8 +15,9 @@ from jobs.runtime.faults import CRASH_VARIABLE
 from jobs.runtime.settings import Config, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-# Wall-clock columns and timings: they differ between any two runs by nature.
-WALL_CLOCK = {"ingested_at", "quarantined_at", "updated_at", "recorded_at", "trained_at"}
+# Wall-clock columns, timings and the stream's id (the query id in the checkpoint): they differ between any
+# two runs by nature.
+WALL_CLOCK = {"ingested_at", "quarantined_at", "updated_at", "recorded_at", "trained_at", "run_id"}
 
 
 def write_config(folder: Path, config: Config) -> Path:
@@ -26,13 +28,21 @@ def write_config(folder: Path, config: Config) -> Path:
     return path
 
 
-def run_job(module: str, config_path: Path, *, crash_at: str | None = None, timeout: float = 600):
-    """``python -m <module> --config <path>`` in a fresh process; the crash point set only if asked."""
-    environment = {key: value for key, value in os.environ.items() if key != CRASH_VARIABLE}
+def run_job(
+    module: str,
+    config_path: Path,
+    *,
+    crash_at: str | None = None,
+    extra: Sequence[str] = (),
+    environment: dict[str, str] | None = None,
+    timeout: float = 600,
+):
+    """``python -m <module> --config <path> [extra ...]`` in a fresh process; the crash point set only if asked."""
+    environment = {key: value for key, value in {**os.environ, **(environment or {})}.items() if key != CRASH_VARIABLE}
     if crash_at:
         environment[CRASH_VARIABLE] = crash_at
     return subprocess.run(
-        [sys.executable, "-m", module, "--config", str(config_path)],
+        [sys.executable, "-m", module, "--config", str(config_path), *extra],
         capture_output=True,
         text=True,
         env=environment,

@@ -14,7 +14,7 @@ from jobs.runtime.settings import Config
 from jobs.simulate.spec import GroundTruth, RandomEffectSpec, StreamSpec
 from jobs.simulate.writers import generate
 from jobs.storage.ingest import ingest_batch
-from jobs.storage.schemas import table_schemas
+from jobs.storage.schemas import create_tables
 from jobs.storage.store import TableStore, open_store
 
 
@@ -47,7 +47,26 @@ def stream_spec(**overrides) -> StreamSpec:
 def config_for(folder: Path, *overrides: str) -> Config:
     return load_config(
         Path(__file__).resolve().parents[2] / "conf" / "local.yaml",
-        [f"storage.root={folder / 'tables'}", "nightly.entity_buckets=4", "nearline.entity_buckets=4", *overrides],
+        [
+            f"storage.root={folder / 'tables'}",
+            "nightly.entity_buckets=4",
+            "nearline.entity_buckets=4",
+            # A killed nightly run blocks the next for this long: the crash tests rerun at once.
+            "nightly.lease_minutes=0.05",
+            *overrides,
+        ],
+    )
+
+
+def stream_config(folder, landing, *overrides: str) -> Config:
+    """Local settings reading ``landing`` one file per micro-batch, everything else under ``folder``."""
+    return config_for(
+        folder,
+        f"stream.path={landing}",
+        f"stream.checkpoint={folder / 'checkpoint'}",
+        "stream.trigger=available_now",
+        "stream.max_files_per_trigger=1",
+        *overrides,
     )
 
 
@@ -56,8 +75,7 @@ def ingest_stream(spark, folder: Path, spec: StreamSpec, *overrides: str, files:
     truth = generate(spec, folder)
     config = config_for(folder, *overrides)
     store = open_store(spark, config.storage)
-    for name, schema in table_schemas(config.model).items():
-        store.create(name, schema)
+    create_tables(store, config.model)
     stream = IngestedStream(truth, config, store, folder)
     ingest_files(spark, stream, landing_files(stream)[:files], first_batch_id=0)
     return stream

@@ -79,6 +79,19 @@ BAD = [
     ("stream.source=kafka", "config key 'stream.options' must set kafka.bootstrap.servers"),
     ("model.fixed_effect.elastic_net=0.5", "config key 'model.fixed_effect.elastic_net' must be 0 for task logistic"),
     ("no-equals-sign", "override 'no-equals-sign' must look like section.key=value"),
+    ("model.random_effects.0.penalty=0", "config key 'model.random_effects[0].penalty' must be > 0; got 0.0"),
+    (
+        "model.random_effects.0.entity_column=label",
+        "config key 'model.random_effects[0].entity_column' must not be 'label'",
+    ),
+    ("model.random_effects.1.entity_column=batch_id", "config key 'model.random_effects[1].entity_column' must not be"),
+    (
+        "model.random_effects.1.entity_column=features_member",
+        "config key 'model.random_effects[1].entity_column' must not",
+    ),
+    ("nightly.app_id=lambda-learner-nearline", "config key 'nightly.app_id' must differ from nearline.app_id"),
+    ("storage.catalog=main", "config keys 'storage.catalog' and 'storage.schema' go together"),
+    ("events.retention_days=3", "config key 'events.retention_days' must be >= nightly.window_days"),
 ]
 
 
@@ -130,3 +143,12 @@ def test_every_key_is_documented():
     settings["model"]["random_effects"] = {f"[].{field.name}": None for field in dataclasses.fields(RandomEffectConfig)}
     for key in keys(settings):
         assert f"`{key.replace('random_effects.[]', 'random_effects[]')}`" in reference, key
+
+
+def test_a_session_taken_from_a_cluster_runs_in_utc(spark):
+    from jobs.runtime.session import spark_session
+    from jobs.runtime.settings import SparkConfig
+
+    spark.conf.set("spark.sql.session.timeZone", "America/Los_Angeles")
+    taken = spark_session(SparkConfig(master=None))
+    assert taken is spark and spark.conf.get("spark.sql.session.timeZone") == "UTC"

@@ -7,8 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.runtime.config import load_config
+from jobs.runtime.settings import EventsConfig
 from jobs.storage.parsing import parse_events
 from jobs.storage.schemas import QUARANTINE, events_schema
+
+RULES = EventsConfig(max_future_minutes=60, max_age_days=365, max_abs_feature_value=1e6, max_features_per_bag=50)
+# When the batch was ingested: event times are judged against it.
+INGESTED = datetime(2026, 11, 2, tzinfo=UTC)
 
 
 def event(**overrides) -> dict:
@@ -57,13 +62,22 @@ BAD_EVENTS = [
     (json.dumps(event(item_id="")), "missing_entity_id:item_id"),
     (json.dumps(event(features={"member": [{"name": "m", "term": "0", "value": float("nan")}]})), "bad_feature"),
     (json.dumps(event(features={"global": [{"term": "0", "value": 1.0}]})), "bad_feature"),
+    # Finite but huge: it would overflow every score it enters.
+    (json.dumps(event(features={"member": [{"name": "m", "term": "0", "value": 1e308}]})), "bad_feature"),
+    (json.dumps(event(features={"item": [{"name": "i", "value": -2e6}]})), "bad_feature"),
+    (
+        json.dumps(event(features={"item": [{"name": "i", "term": str(j), "value": 1.0} for j in range(51)]})),
+        "too_many_features:item",
+    ),
+    (json.dumps(event(event_time="2099-01-01T00:00:00Z")), "bad_event_time:after 2026-11-02T01:00:00+00:00"),
+    (json.dumps(event(event_time="1970-01-01T00:00:00Z")), "bad_event_time:before 2025-11-02T00:00:00+00:00"),
 ]
 
 
 def test_a_mixed_batch_splits_into_exactly_the_good_and_the_bad(spark, model):
     good = [json.dumps(event(event_id=f"g{i}")) for i in range(5)]
     lines = good + [line for line, _ in BAD_EVENTS]
-    parsed = parse_events(lines_frame(spark, lines), model, batch_id=0)
+    parsed = parse_events(lines_frame(spark, lines), model, 0, RULES, INGESTED)
     assert sorted(row.event_id for row in parsed.valid.collect()) == [f"g{i}" for i in range(5)]
     assert sorted((row.payload, row.reason) for row in parsed.rejected.collect()) == sorted(BAD_EVENTS)
     assert [(f.name, f.dataType) for f in parsed.rejected.schema] == [(f.name, f.dataType) for f in QUARANTINE]
@@ -71,7 +85,7 @@ def test_a_mixed_batch_splits_into_exactly_the_good_and_the_bad(spark, model):
 
 
 def test_valid_events_round_trip(spark, model):
-    parsed = parse_events(lines_frame(spark, [json.dumps(event(label=-1, weight=...))]), model, batch_id=12)
+    parsed = parse_events(lines_frame(spark, [json.dumps(event(label=-1, weight=...))]), model, 12, RULES, INGESTED)
     (row,) = parsed.valid.collect()
     assert [(f.name, f.dataType) for f in parsed.valid.schema] == [(f.name, f.dataType) for f in events_schema(model)]
     assert row.event_id == "e1"
@@ -85,7 +99,7 @@ def test_valid_events_round_trip(spark, model):
 
 
 def test_a_missing_bag_is_an_empty_bag(spark, model):
-    parsed = parse_events(lines_frame(spark, [json.dumps(event(features={"global": []}))]), model, batch_id=0)
+    parsed = parse_events(lines_frame(spark, [json.dumps(event(features={"global": []}))]), model, 0, RULES, INGESTED)
     (row,) = parsed.valid.collect()
     assert row.features_global == [] and row.features_member == [] and row.features_item == []
 
@@ -96,7 +110,7 @@ def test_duplicates_within_a_batch_keep_the_earliest(spark, model):
         json.dumps(event(event_id="d", event_time="2026-11-01T08:00:01Z", label=0)),
         json.dumps(event(event_id="d", label=9)),  # invalid for its own reason, not a duplicate
     ]
-    parsed = parse_events(lines_frame(spark, lines), model, batch_id=0)
+    parsed = parse_events(lines_frame(spark, lines), model, 0, RULES, INGESTED)
     (kept,) = parsed.valid.collect()
     assert kept.label == 0.0
     assert sorted(row.reason for row in parsed.rejected.collect()) == ["duplicate_event_id", "label_out_of_domain"]
@@ -105,7 +119,7 @@ def test_duplicates_within_a_batch_keep_the_earliest(spark, model):
 def test_linear_task_takes_real_labels(spark):
     model = load_config(overrides=["model.task=linear"]).model
     lines = [json.dumps(event(label=2.75)), json.dumps(event(event_id="nan", label=float("nan")))]
-    parsed = parse_events(lines_frame(spark, lines), model, batch_id=0)
+    parsed = parse_events(lines_frame(spark, lines), model, 0, RULES, INGESTED)
     assert [row.label for row in parsed.valid.collect()] == [2.75]
     assert [row.reason for row in parsed.rejected.collect()] == ["label_out_of_domain"]
 
@@ -116,10 +130,12 @@ def test_score_column_source_requires_a_finite_score(spark):
         json.dumps(event(fixed_effect_score=-1.5)),
         json.dumps(event(event_id="none")),
         json.dumps(event(event_id="inf", fixed_effect_score=math.inf)),
+        json.dumps(event(event_id="huge", fixed_effect_score=1e300)),
     ]
-    parsed = parse_events(lines_frame(spark, lines), model, batch_id=0)
+    parsed = parse_events(lines_frame(spark, lines), model, 0, RULES, INGESTED)
     assert [row.fixed_effect_score for row in parsed.valid.collect()] == [-1.5]
-    assert [row.reason for row in parsed.rejected.collect()] == ["missing_score", "missing_score"]
+    reasons = sorted(row.reason for row in parsed.rejected.collect())
+    assert reasons == ["bad_score", "missing_score", "missing_score"]
 
 
 def test_typed_input_from_parquet_follows_the_same_rules(spark, model, tmp_path):
@@ -145,7 +161,7 @@ def test_typed_input_from_parquet_follows_the_same_rules(spark, model, tmp_path)
         "features": [bags, bags, bags],
     }
     pq.write_table(pa.table(rows, schema=schema), tmp_path / "events.parquet")
-    parsed = parse_events(spark.read.parquet(str(tmp_path)), model, batch_id=4)
+    parsed = parse_events(spark.read.parquet(str(tmp_path)), model, 4, RULES, INGESTED)
     (valid,) = parsed.valid.collect()
     assert (valid.event_id, valid.weight, valid.event_time) == ("p1", 1.0, datetime(2026, 11, 1, 8))
     assert [tuple(f) for f in valid.features_member] == [("m", "0", 1.0)]

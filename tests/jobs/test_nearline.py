@@ -24,7 +24,7 @@ from jobs.simulate.writers import generate
 from jobs.storage.store import open_store
 from lambda_learner import metrics
 from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
-from tests.jobs.streams import config_for, stream_spec, update_on_files
+from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
 
 TABLE_ORDER = {
     "events": ["batch_id", "event_id"],
@@ -34,30 +34,24 @@ TABLE_ORDER = {
 }
 
 
-def stream_config(folder, landing, *overrides: str) -> Config:
-    """Local settings reading ``landing`` one file per micro-batch, everything else under ``folder``."""
-    return config_for(
-        folder,
-        f"stream.path={landing}",
-        f"stream.checkpoint={folder / 'checkpoint'}",
-        "stream.trigger=available_now",
-        "stream.max_files_per_trigger=1",
-        *overrides,
-    )
-
-
 def run_stream(spark, config: Config):
     """The nearline query in this process, until the landing folder is drained."""
     run_nearline(spark, config)
     return open_store(spark, config.storage)
 
 
-def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
+ENGINES = ["delta-rs", "spark-delta"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path, engine):
     truth = generate(
         stream_spec(events=1800, slices=6, bad_event_rate=0.05, new_entity_rate=0.03, drift=0.1), tmp_path / "stream"
     )
-    reference = write_config(tmp_path / "reference", stream_config(tmp_path / "reference", truth.landing))
-    crashed_config = stream_config(tmp_path / "crashed", truth.landing)
+    backend = f"storage.backend={engine}"
+    reference_config = stream_config(tmp_path / "reference", truth.landing, backend)
+    reference = write_config(tmp_path / "reference", reference_config)
+    crashed_config = stream_config(tmp_path / "crashed", truth.landing, backend)
     crashed = write_config(tmp_path / "crashed", crashed_config)
 
     finished = run_job("jobs.nearline_update", reference)
@@ -73,7 +67,7 @@ def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(
     restarted = run_job("jobs.nearline_update", crashed)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
 
-    expected = open_store(spark, stream_config(tmp_path / "reference", truth.landing).storage)
+    expected = open_store(spark, reference_config.storage)
     actual = open_store(spark, crashed_config.storage)
     for table, order in TABLE_ORDER.items():
         assert same_rows(rows(actual.read(table), order), rows(expected.read(table), order)), table
@@ -143,7 +137,8 @@ def test_nearline_updates_track_a_drifting_truth_better_than_the_stale_nightly_m
     assert metrics.log_loss(new_scores, labels) < metrics.log_loss(fixed_only, labels)
 
 
-def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losing_an_event(spark, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losing_an_event(spark, tmp_path, engine):
     truth = generate(stream_spec(events=3000, slices=12, drift=0.1, new_entity_rate=0.02, seed=5), tmp_path / "stream")
     landing = tmp_path / "landing"
     landing.mkdir()
@@ -154,6 +149,7 @@ def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losi
         "stream.processing_time=1 second",
         "nightly.passes=1",
         "nightly.holdout_hours=1",
+        f"storage.backend={engine}",
     )
     config_path = write_config(tmp_path, config)
     files = sorted(truth.landing.glob("part-*"))
@@ -193,22 +189,16 @@ def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losi
     assert rebase["values"]["replayed_batches"] >= 1, "the race did not happen: nothing was replayed"
     assert all(row.generation == generation.number for row in nearline if row.batch_id >= rebase.batch_id)
 
-    # The reference: the generation's priors, then every batch after its cutoff, offline, in order.
+    # The reference: the generation's priors; at the rebase, every batch after its cutoff in one pass; then
+    # each later batch in order.
     state = priors_as_state(store, config, generation)
     events = store.read("events")
-    later = sorted(
-        r.batch_id
-        for r in events.where(F.col("batch_id") > generation.cutoff_batch_id).select("batch_id").distinct().collect()
-    )
-    for batch_id in later:
-        update = apply_events(
-            events.where(F.col("batch_id") == batch_id),
-            state,
-            config,
-            generation.fixed_effect,
-            generation.number,
-            batch_id,
-        )
+    replayed = events.where((F.col("batch_id") > generation.cutoff_batch_id) & (F.col("batch_id") <= rebase.batch_id))
+    args = (config, generation.fixed_effect, generation.number)
+    update = apply_events(replayed, state, *args, rebase.batch_id, in_batches=True)
+    state = upserted(state, update.state).localCheckpoint(eager=True)
+    for batch_id in [row.batch_id for row in nearline if row.batch_id > rebase.batch_id]:
+        update = apply_events(events.where(F.col("batch_id") == batch_id), state, *args, batch_id)
         state = upserted(state, update.state).localCheckpoint(eager=True)
     order = TABLE_ORDER["re_state"]
     assert same_rows(rows(store.read("re_state"), order), rows(state, order), rel=1e-9)
@@ -277,3 +267,13 @@ def test_a_rollback_rebases_the_live_model_on_the_generation_current_again(spark
     assert last.status == "rebased" and last.generation == 1
     assert last["values"]["replayed_batches"] == 2  # batches 2 and 3, after generation 1's cutoff
     assert {row.generation for row in store.read("re_state").collect()} == {1}
+
+
+def test_a_backlog_after_a_stop_is_processed_as_bounded_batches(spark, tmp_path):
+    """Twenty files landed while the job was down: the default rate limit makes them batches of five, not one."""
+    truth = generate(stream_spec(events=2000, slices=20, seed=9), tmp_path / "stream")
+    config = stream_config(tmp_path, truth.landing, "stream.max_files_per_trigger=5")
+    store = run_stream(spark, config)
+    batches = store.read("metrics").where("job = 'nearline'").orderBy("batch_id").collect()
+    assert [int(row["values"]["rows_in"]) for row in batches] == [500, 500, 500, 500]
+    assert store.read("events").count() == truth.events

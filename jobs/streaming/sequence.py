@@ -1,0 +1,122 @@
+"""One sequence of micro-batch numbers for every stream that ever wrote a set of tables.
+
+Spark numbers a query's micro-batches from 0 in each checkpoint: a new checkpoint (a backfill,
+a lost checkpoint, a change of source) starts again at 0. The tables number batches with one
+sequence across every checkpoint, and every guarded write of a batch records which stream (the
+query id Spark keeps in its checkpoint) and which of its batches it was. A batch Spark replays
+after a crash gets the number it had; a new batch, the next number.
+
+The first write of every batch (its ``ledger`` table) is where the numbers are looked up; its
+last write (its ``last`` table) tells whether a batch was finished. A new stream refuses to start
+while another stream's batch is half written: that batch can only be finished by its own stream
+(its checkpoint holds its data), and its number would be lost otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from jobs.runtime.errors import HalfWrittenBatchError
+from jobs.storage.store import Guard, GuardedCommit, TableStore
+
+LOG = logging.getLogger("lambda_learner.streaming")
+# The stream id of batches fed to a job directly (tests, replays), without a streaming query.
+DIRECT = "direct"
+
+
+@dataclass(frozen=True)
+class BatchTicket:
+    """A micro-batch's place in the tables' sequence, and the time it was first ingested."""
+
+    stream_id: str
+    stream_batch_id: int
+    sequence: int
+    ingested: datetime
+
+    def guard(self, app_id: str, **facts: object) -> Guard:
+        """The guard of one of this batch's writes: the sequence number as version, the batch's identity as facts."""
+        identity = {"stream": self.stream_id, "stream_batch": self.stream_batch_id, "ingested": self.ingested_ms}
+        return Guard(app_id, self.sequence, {**identity, **facts})
+
+    @property
+    def ingested_ms(self) -> int:
+        return int(self.ingested.timestamp() * 1000)
+
+    @classmethod
+    def of(cls, commit: GuardedCommit) -> BatchTicket:
+        """The ticket a guarded commit recorded (one written without a stream's facts: a program's ``direct`` one)."""
+        facts, number = commit.guard.facts, commit.guard.version
+        ingested = datetime.fromtimestamp(facts["ingested"] / 1000, tz=UTC) if "ingested" in facts else _now()
+        return cls(facts.get("stream", DIRECT), int(facts.get("stream_batch", number)), number, ingested)
+
+
+class BatchSequence:
+    """Hands out each micro-batch's ticket; remembers the last one it gave, so a lookup happens once per process."""
+
+    def __init__(self, app_id: str, ledger: str, last: str, checkpoint: str, stream_id: str | None = None):
+        self.app_id, self.ledger, self.last = app_id, ledger, last
+        self.checkpoint = checkpoint
+        self.stream_id = stream_id
+        self._previous: BatchTicket | None = None
+
+    def ticket(self, store: TableStore, stream_batch_id: int) -> BatchTicket:
+        previous = self._previous
+        if previous is not None and stream_batch_id == previous.stream_batch_id + 1:
+            ticket = BatchTicket(previous.stream_id, stream_batch_id, previous.sequence + 1, _now())
+        elif previous is not None and stream_batch_id == previous.stream_batch_id:
+            ticket = previous
+        else:
+            ticket = self._look_up(store, stream_batch_id)
+        self._previous = ticket
+        return ticket
+
+    def _look_up(self, store: TableStore, stream_batch_id: int) -> BatchTicket:
+        stream_id = self.stream_id or self._checkpoint_stream_id(store)
+        latest = store.last_guarded_commit(self.ledger, self.app_id)
+        if latest is None:
+            return BatchTicket(stream_id, stream_batch_id, 0, _now())
+        recorded = BatchTicket.of(latest)
+        if (recorded.stream_id, recorded.stream_batch_id) == (stream_id, stream_batch_id):
+            LOG.info(
+                "batch %d of stream %s is batch %d, begun before a restart",
+                stream_batch_id,
+                stream_id,
+                recorded.sequence,
+            )
+            return recorded
+        finished = store.transaction_version(self.last, self.app_id)
+        if recorded.stream_id != stream_id and (finished is None or finished < recorded.sequence):
+            raise HalfWrittenBatchError(
+                f"batch {recorded.sequence} (batch {recorded.stream_batch_id} of stream {recorded.stream_id}) was "
+                f"begun but not finished, and this is stream {stream_id}: start the job again with the checkpoint "
+                f"of stream {recorded.stream_id} so that it finishes that batch, then start this one "
+                "(docs/operations.md)"
+            )
+        if recorded.stream_id != stream_id:
+            own = next(
+                (BatchTicket.of(c) for c in store.guarded_commits(self.ledger, self.app_id) if _stream(c) == stream_id),
+                None,
+            )
+            if own is not None and own.stream_batch_id == stream_batch_id:
+                return own  # finished before a restart; another stream wrote since
+            LOG.info("stream %s continues the tables' sequence after stream %s", stream_id, recorded.stream_id)
+        return BatchTicket(stream_id, stream_batch_id, recorded.sequence + 1, _now())
+
+    def _checkpoint_stream_id(self, store: TableStore) -> str:
+        """The query id Spark keeps in the checkpoint's ``metadata`` file, read through Spark (any file system).
+
+        Spark writes that file when the query starts, before its first batch.
+        """
+        line = store.spark.read.text(f"{self.checkpoint.rstrip('/')}/metadata").first()
+        return str(json.loads(line.value)["id"])
+
+
+def _stream(commit: GuardedCommit) -> str | None:
+    return commit.guard.facts.get("stream")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,188 @@
+"""Exactly once across checkpoint changes, publications, crashes and repeated events: real processes, real tables.
+
+The check every test ends with: each entity's live model has learnt each of its valid events exactly once,
+either in the current generation's prior (``re_priors.rows``) or since (``re_state.rows``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.game.generation import current_generation
+from jobs.nearline_update import NearlineUpdater
+from jobs.nightly_retrain import run_nightly
+from jobs.runtime.errors import ConcurrentRunError
+from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
+from jobs.simulate.writers import deliver, generate
+from jobs.storage.store import open_store
+from tests.jobs.jobrun import ROOT, run_job, write_config
+from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
+
+
+def learnt_once(store, config) -> dict:
+    """Per (type, entity): events it has, against rows its prior and its live state learnt. Must match."""
+    events = store.read("events")
+    generation = current_generation(store, config.model)
+    state = store.read("re_state").select("re_type", "entity_id", F.col("rows").alias("live"))
+    mismatches = {}
+    for random_effect in config.model.random_effects:
+        counts = events.groupBy(F.col(random_effect.entity_column).alias("entity_id")).count()
+        live = state.where(F.col("re_type") == random_effect.name).drop("re_type")
+        joined = counts.join(live, "entity_id", "full_outer")
+        if generation is not None:
+            priors = store.read("re_priors").where(
+                (F.col("generation") == generation.number) & (F.col("re_type") == random_effect.name)
+            )
+            # A prior published twice counts once: the one trained on more rows (as the nearline job takes it).
+            prior = priors.groupBy("entity_id").agg(F.max("rows").alias("prior"))
+            joined = joined.join(prior, "entity_id", "full_outer")
+        else:
+            joined = joined.withColumn("prior", F.lit(0))
+        joined = joined.fillna(0, ["count", "live", "prior"])
+        for row in joined.where(F.col("count") != F.col("live") + F.col("prior")).collect():
+            mismatches[(random_effect.name, row.entity_id)] = (row["count"], row.prior, row.live)
+    return mismatches
+
+
+def test_the_documented_backfill_with_its_own_checkpoint_loses_nothing(spark, tmp_path):
+    """docs/operations.md: a backfill runs with its own checkpoint on the same tables, then the stream resumes."""
+    truth = generate(stream_spec(events=1200, slices=6, seed=31), tmp_path / "stream")
+    files = sorted(truth.landing.glob("part-*"))
+    config = stream_config(tmp_path, tmp_path / "landing", "nightly.holdout_hours=0")
+    main = write_config(tmp_path, config)
+    deliver(files[:3], tmp_path / "landing")
+    assert run_job("jobs.nearline_update", main).returncode == 0
+
+    deliver(files[3:5], tmp_path / "backfill")
+    backfill = run_job(
+        "jobs.nearline_update",
+        main,
+        extra=[
+            "--set",
+            f"stream.path={tmp_path / 'backfill'}",
+            "--set",
+            f"stream.checkpoint={tmp_path / 'backfill-checkpoint'}",
+            "--set",
+            "stream.trigger=available_now",
+        ],
+    )
+    assert backfill.returncode == 0, backfill.stderr[-3000:]
+    deliver(files[5:], tmp_path / "landing")
+    resumed = run_job("jobs.nearline_update", main)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    store = open_store(spark, config.storage)
+    events = store.read("events")
+    assert events.count() == events.select("event_id").distinct().count() == truth.events
+    batches = [row.batch_id for row in store.read("metrics").where("job = 'nearline'").orderBy("recorded_at").collect()]
+    assert len(batches) == 6 and batches == sorted(set(batches))
+    assert learnt_once(store, config) == {}
+    report = run_nightly(spark, store, config)
+    assert report.status == "published" and report.cutoff_batch_id == batches[-1]
+
+
+def test_a_rebase_counts_every_ingested_event_exactly_once(spark, tmp_path):
+    """The nightly holds out its last hour: the rebase must replay it, with everything after its cutoff."""
+    truth = generate(stream_spec(events=2400, slices=8, seed=32), tmp_path / "stream")
+    files = sorted(truth.landing.glob("part-*"))
+    config = config_for(tmp_path, "nightly.holdout_hours=1", "nightly.passes=1")
+    store = open_store(spark, config.storage)
+    updater = NearlineUpdater(config)
+    update_on_files(spark, updater, files[:6])
+    assert run_nightly(spark, store, config).status == "published"
+    update_on_files(spark, updater, files[6:], first_batch_id=6)
+    (rebase,) = store.read("metrics").where("job = 'nearline' AND status = 'rebased'").collect()
+    assert rebase["values"]["replayed_batches"] >= 1
+    assert learnt_once(store, config) == {}
+
+
+def test_a_batch_appended_but_not_merged_before_a_publication_is_counted_once(spark, tmp_path):
+    truth = generate(stream_spec(events=1600, slices=5, seed=33), tmp_path / "stream")
+    files = sorted(truth.landing.glob("part-*"))
+    config = stream_config(tmp_path, tmp_path / "landing", "nightly.holdout_hours=0", "nightly.passes=1")
+    path = write_config(tmp_path, config)
+    deliver(files[:4], tmp_path / "landing")
+    crashed = run_job("jobs.nearline_update", path, crash_at="nearline:after_events_append@3")
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
+    store = open_store(spark, config.storage)
+    assert run_nightly(spark, store, config).status == "published"
+    deliver(files[4:], tmp_path / "landing")
+    assert run_job("jobs.nearline_update", path).returncode == 0
+    assert learnt_once(store, config) == {}
+
+
+def test_a_repeated_event_id_in_a_later_batch_is_quarantined_with_the_batch_that_had_it_first(spark, tmp_path):
+    truth = generate(stream_spec(events=600, slices=2, seed=34), tmp_path / "stream")
+    first, second = sorted(truth.landing.glob("part-*"))
+    lines = first.read_text().splitlines()
+    # Five sent again as they were, two more ids sent again with another label.
+    repeated = lines[:5]
+    changed = [json.dumps({**json.loads(line), "label": 1 - json.loads(line)["label"]}) for line in lines[5:7]]
+    second.write_text(second.read_text() + "\n".join(repeated + changed) + "\n")
+    config = config_for(tmp_path)
+    store = open_store(spark, config.storage)
+    update_on_files(spark, NearlineUpdater(config), [first, second])
+
+    first_batch = store.read("metrics").where("job = 'nearline'").agg(F.min("batch_id")).first()[0]
+    quarantined = store.read("quarantine").collect()
+    assert len(quarantined) == 7
+    assert all(row.reason == f"duplicate_event_id:batch {first_batch}" for row in quarantined)
+    events = store.read("events")
+    assert events.count() == events.select("event_id").distinct().count() == truth.events
+    assert learnt_once(store, config) == {}
+
+
+def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark, tmp_path):
+    truth = generate(stream_spec(events=900, slices=3, seed=35), tmp_path / "stream")
+    config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1", "nightly.lease_minutes=0.2")
+    store = open_store(spark, config.storage)
+    update_on_files(spark, NearlineUpdater(config), sorted(truth.landing.glob("part-*")))
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "jobs.nightly_retrain", "--config", str(write_config(tmp_path, config))],
+        cwd=ROOT,
+        env={**os.environ, PAUSE_VARIABLE: "nightly:before_publish=45"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (store.exists("leases") and store.read("leases").where("expires_at > current_timestamp()").count()):
+            assert time.monotonic() < deadline and slow.poll() is None, "the first run never took the lease"
+            time.sleep(1)
+        with pytest.raises(ConcurrentRunError, match=r"another nightly run .* holds these tables until"):
+            run_nightly(spark, store, config)
+    finally:
+        stdout, stderr = slow.communicate(timeout=600)
+    assert slow.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["status"] == "published"
+    priors = store.read("re_priors").toPandas()
+    assert set(priors.generation) == {1} and not priors.duplicated(["re_type", "entity_id"]).any()
+    # Its lease released, the next run starts at once.
+    assert run_nightly(spark, store, config).status == "already_published"
+
+
+def test_duplicate_priors_of_a_generation_do_not_stop_the_nearline_job(spark, tmp_path):
+    truth = generate(stream_spec(events=900, slices=3, seed=36), tmp_path / "stream")
+    files = sorted(truth.landing.glob("part-*"))
+    config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1")
+    store = open_store(spark, config.storage)
+    updater = NearlineUpdater(config)
+    update_on_files(spark, updater, files[:2])
+    assert run_nightly(spark, store, config).status == "published"
+    # As if a second run had raced past the lease: every prior twice, the copies trained on fewer rows.
+    priors = store.read("re_priors")
+    store.append("re_priors", priors.withColumn("rows", F.col("rows") - 1))
+    update_on_files(spark, updater, files[2:], first_batch_id=2)
+    (batch,) = store.read("metrics").where("job = 'nearline' AND batch_id = 2").collect()
+    assert batch.status == "rebased"
+    state = store.read("re_state").toPandas()
+    assert not state.duplicated(["re_type", "entity_id"]).any()
+    assert learnt_once(store, config) == {}
