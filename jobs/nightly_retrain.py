@@ -22,19 +22,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from jobs.game.coordinate_descent import coordinate_descent
 from jobs.game.generation import current_generation, next_generation_number, publication_guard, publish
 from jobs.game.model import Coordinates
-from jobs.game.training_data import training_window
-from jobs.game.validation import validate
+from jobs.game.training_data import ingested_batches, training_cutoff, training_data
+from jobs.game.validation import non_finite, validate
 from jobs.runtime.cli import Job, job_parser, run_job
 from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
-from jobs.storage.schemas import metrics_row, table_schemas
-from jobs.storage.store import TableStore, open_store
+from jobs.storage.lease import TableLease
+from jobs.storage.schemas import create_tables, metrics_row
+from jobs.storage.store import Guard, TableStore, open_store
 
 LOG = logging.getLogger("lambda_learner.nightly")
 
@@ -57,38 +57,57 @@ class NightlyReport:
 def run_nightly(
     spark: SparkSession, store: TableStore, config: Config, *, force_publish: bool = False
 ) -> NightlyReport:
-    """One nightly run on the tables in ``store``."""
+    """One nightly run on the tables in ``store``; every outcome gets one metrics row (a failure too)."""
+    create_tables(store, config.model, deletion_vectors=config.storage.deletion_vectors)
+    with TableLease(store, "nightly", config.nightly.lease_minutes):
+        try:
+            report = _train_and_publish(store, config, force_publish)
+        except Exception as error:
+            # On-call sees the failure in the metrics too; a rerun is a new run with a row of its own.
+            _record(store, config, NightlyReport("failed", reason=f"{type(error).__name__}: {error}"[:2000]))
+            raise
+        _record(store, config, report)
+    return report
+
+
+def _train_and_publish(store: TableStore, config: Config, force_publish: bool) -> NightlyReport:
     seconds: dict[str, float] = {}
-    for name, schema in table_schemas(config.model).items():
-        store.create(name, schema)
-    events = store.read("events")
-    cutoff = events.agg(F.max("batch_id")).first()[0]
-    if cutoff is None:
+    batches = ingested_batches(store, config.nearline.app_id)
+    if not batches:
         LOG.info("no events yet: nothing to train")
         return NightlyReport("empty_window", reason="the events table is empty")
+    cutoff, anchor = training_cutoff(batches, config)
+    if cutoff is None:
+        reason = "no event yet" if anchor is None else "every ingested batch has events in the hold-out"
+        return NightlyReport("empty_window", None, batches[-1].batch_id, reason=reason)
     current = current_generation(store, config.model)
     if current is not None and current.cutoff_batch_id >= cutoff:
         LOG.info("generation %d already covers batch %d", current.number, cutoff)
+        recover_publication_row(store, config)
         return NightlyReport("already_published", current.number, cutoff, reason="no batch since the last generation")
 
     with timed("read", seconds, LOG):
-        training, holdout = training_window(events.where(F.col("batch_id") <= cutoff), config)
-        training_rows, holdout_rows = training.count(), holdout.count()
+        data = training_data(store, batches, cutoff, anchor, config)
+        training_rows, holdout_rows = data.training.count(), data.holdout.count()
         LOG.info("cutoff batch %d: %d training rows, %d hold-out rows", cutoff, training_rows, holdout_rows)
     if training_rows == 0:
         return NightlyReport("empty_window", None, cutoff, reason="no training events in the window")
 
     with timed("train", seconds, LOG):
         coordinates = Coordinates.of(config, config.nightly.buckets, config.nightly.seed)
-        models = coordinate_descent(training, coordinates, config.nightly.passes)
+        models = coordinate_descent(data.training, coordinates, config.nightly.passes)
         fixed_effect = models.pop("fixed")
         entities = {name: model.coefficients.count() for name, model in models.items()}
         LOG.info("trained random effects: %s", entities)
 
     with timed("validate", seconds, LOG):
         coefficients = {name: model.coefficients for name, model in models.items()}
-        validation, publishing, reason = validate(holdout, config, store, current, fixed_effect, coefficients)
-    if force_publish or config.nightly.force_publish:
+        validation, publishing, reason = validate(data.holdout, config, store, current, fixed_effect, coefficients)
+        problem = non_finite(validation, fixed_effect, coefficients)
+    if problem is not None:
+        # Never published, forced or not: a generation of NaNs would poison every live model.
+        publishing, reason = False, problem
+    elif force_publish or config.nightly.force_publish:
         publishing, reason = True, f"forced ({reason})" if reason else "forced"
     number = next_generation_number(store, config, current)
     report = NightlyReport(
@@ -105,14 +124,26 @@ def run_nightly(
     crash_point("nightly:before_publish")
     with timed("publish", seconds, LOG):
         if publishing:
-            publish(store, config, number, cutoff, fixed_effect, models)
+            publish(store, config, number, cutoff, fixed_effect, models, report=asdict(report))
             LOG.info("published generation %d (cutoff batch %d)", number, cutoff)
-        _record(store, config, report)
-    training.unpersist()
+    crash_point("nightly:after_publish")
+    data.training.unpersist()
     return report
 
 
+def recover_publication_row(store: TableStore, config: Config) -> None:
+    """The current generation's metrics row, written from its publication if a killed run never wrote it."""
+    published = store.last_guarded_commit("fixed_effect", config.nightly.app_id)
+    if published is None or store.applied("metrics", published.guard):
+        return
+    report = published.guard.facts.get("report")
+    if report is not None:
+        LOG.info("generation %s was published without its metrics row: writing it", report.get("generation"))
+        _record(store, config, NightlyReport(**report))
+
+
 def _record(store: TableStore, config: Config, report: NightlyReport) -> None:
+    """The run's metrics row, once: a rerun with the same outcome on the same cutoff writes nothing."""
     values = {"training_rows": float(report.training_rows), "holdout_rows": float(report.holdout_rows)}
     values |= {f"entities.{name}": float(count) for name, count in report.entities.items()}
     values |= {key: float(value) for key, value in report.validation.items()}
@@ -127,9 +158,16 @@ def _record(store: TableStore, config: Config, report: NightlyReport) -> None:
         values,
         report.reason,
     )
-    published = report.status == "published"
-    guard = publication_guard(config, report.generation, report.cutoff_batch_id) if published else None
-    store.append("metrics", row, guard=guard)
+    store.append("metrics", row, guard=outcome_guard(config, report.status, report.generation, report.cutoff_batch_id))
+
+
+def outcome_guard(config: Config, status: str, generation: int | None, cutoff: int | None) -> Guard | None:
+    """The publication's guard if published; one per (outcome, cutoff) for the others; none for a failure."""
+    if status == "published":
+        return publication_guard(config, generation, cutoff)
+    if status == "failed":
+        return None
+    return Guard(f"{config.nightly.app_id}/{status}", 0 if cutoff is None else cutoff + 1)
 
 
 def _nightly(job: Job) -> int:

@@ -67,7 +67,8 @@ def live_coefficients(store: TableStore, random_effect: RandomEffectConfig, gene
     state = store.read("re_state").where(F.col("re_type") == random_effect.name).select("entity_id", "coefficients")
     if generation is None:
         return state
-    priors = priors_of(store, generation, random_effect).join(state.select("entity_id"), "entity_id", "left_anti")
+    priors = priors_of(store, generation, random_effect).select("entity_id", "coefficients")
+    priors = priors.join(state.select("entity_id"), "entity_id", "left_anti")
     return state.unionByName(priors)
 
 

@@ -13,11 +13,19 @@ from jobs.storage.parsing import TEXT_COLUMN
 def read_stream(spark: SparkSession, stream: StreamConfig, typed_schema: StructType) -> DataFrame:
     """The configured source as a streaming frame: JSON text in a ``value`` column, or typed columns.
 
-    ``typed_schema`` is what typed files (parquet) hold.
+    ``typed_schema`` is what typed files (parquet) hold. Every source is rate limited by default
+    (``stream.max_files_per_trigger``, ``stream.max_offsets_per_trigger`` for Kafka).
     """
-    reader = spark.readStream.options(**stream.options)
-    if stream.max_files_per_trigger is not None:
-        reader = reader.option("maxFilesPerTrigger", stream.max_files_per_trigger)
+    reader = spark.readStream
+    # The rate limit each source knows; settings in stream.options win.
+    limits = {
+        "kafka": ("maxOffsetsPerTrigger", stream.max_offsets_per_trigger),
+        "autoloader": ("cloudFiles.maxFilesPerTrigger", stream.max_files_per_trigger),
+    }
+    name, limit = limits.get(stream.source, ("maxFilesPerTrigger", stream.max_files_per_trigger))
+    if limit is not None:
+        reader = reader.option(name, limit)
+    reader = reader.options(**stream.options)
     if stream.source == "kafka":
         return reader.format("kafka").load().select(F.col("value").cast("string").alias(TEXT_COLUMN))
     if stream.source == "delta":
