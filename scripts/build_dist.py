@@ -39,6 +39,7 @@ EXECUTOR_MODULES = (
     "udfs.arrays",
     "udfs.dense_features",
     "udfs.entity_kernels",
+    "udfs.entity_metrics",
     "jobs.game.random_effect",
     "jobs.game.fixed_effect",
 )

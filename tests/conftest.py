@@ -1,8 +1,33 @@
 """One local Spark session for the whole test run (starting one takes seconds), with Spark's Delta Lake in it."""
 
+import importlib.util
+
 import pytest
 
+from jobs.runtime.jvm import jar_paths
 from jobs.runtime.settings import SparkConfig
+
+# Spark Connect's client side (pyspark[connect]): the Connect tests need it, as Databricks serverless does.
+CONNECT_CLIENT_MODULES = ("grpc", "grpc_status", "google.rpc.status_pb2", "zstandard")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
+def pytest_sessionstart(session):
+    """Every part the tests run for real is there, or the run stops here with what to do (no test skips for it)."""
+    missing = [f"{kind} jars (run `make jars`)" for kind in ("spark", "kafka") if not jar_paths(kind)]
+    missing += [
+        f"Python module {name} (pip install 'pyspark[connect]')"
+        for name in CONNECT_CLIENT_MODULES
+        if not _installed(name)
+    ]
+    if missing:
+        raise pytest.UsageError("the tests need: " + "; ".join(missing))
 
 
 @pytest.fixture(scope="session")

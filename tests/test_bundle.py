@@ -98,6 +98,7 @@ def test_every_job_has_well_formed_tasks_on_a_current_runtime():
             runtime = re.fullmatch(r"(\d+\.\d+)\.x-scala2\.13", cluster["spark_version"])
             assert runtime and runtime.group(1) in RUNTIME_SPARK, cluster["spark_version"]
             assert cluster["node_type_id"] and cluster["num_workers"] >= 1
+            # Dedicated; docs/deploy.md tells what standard access mode (USER_ISOLATION) changes.
             assert cluster["data_security_mode"] == "SINGLE_USER"
 
 
@@ -113,17 +114,23 @@ def test_the_nightly_job_runs_once_a_night_in_utc_one_run_at_a_time():
     assert local_file(path, task["spark_python_task"]["python_file"]) == ROOT / "jobs" / "nightly_retrain.py"
 
 
-def test_the_nearline_job_runs_continuously_with_the_kafka_connector_of_its_runtime():
+def test_the_nearline_job_runs_continuously():
     path, job = jobs()["nearline_update"]
     assert job["continuous"]["pause_status"] == "UNPAUSED"
     assert "schedule" not in job
     (task,) = job["tasks"]
     assert "max_retries" not in task, "a continuous job retries by itself; task retry policies are refused"
     assert local_file(path, task["spark_python_task"]["python_file"]) == ROOT / "jobs" / "nearline_update.py"
-    (cluster,) = job["job_clusters"]
-    spark = RUNTIME_SPARK[resolved(cluster["new_cluster"])["spark_version"].split(".x-")[0]]
-    (maven,) = [resolved(library["maven"]["coordinates"]) for library in task["libraries"] if "maven" in library]
-    assert maven == f"org.apache.spark:spark-sql-kafka-0-10_2.13:{spark}"
+
+
+def test_no_task_installs_a_jar_the_runtime_already_has():
+    """Databricks Runtime brings Delta Lake and the Kafka source; serverless compute refuses Maven libraries."""
+    for key, (_, job) in jobs().items():
+        for task in job["tasks"]:
+            kinds = {kind for library in task["libraries"] for kind in library}
+            assert kinds == {"whl"}, f"{key}.{task['task_key']}: {kinds}"
+    text = "\n".join(path.read_text() for path in [ROOT / "databricks.yml", *resource_files()])
+    assert "maven" not in text and "spark-sql-kafka" not in text and "delta-spark" not in text
 
 
 def test_every_notebook_is_deployed_as_a_notebook_task():

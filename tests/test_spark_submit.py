@@ -1,16 +1,21 @@
-"""The jobs on a real Spark standalone cluster, submitted with spark-submit and the artifacts of ``make dist``.
+"""The jobs on a real Spark standalone cluster, submitted with spark-submit as docs/deploy.md says, word for word.
 
-A master and two workers run from the pip-installed pyspark on 127.0.0.1. Every submission runs from
-a temporary folder and ships the project's code (the ``--py-files`` zip) and the executors' Python
-(the packed environment, ``--archives``): nothing on the executors can import the repository or
-the project's virtualenv. docs/deploy.md holds the same command lines for a real cluster.
+A master and two workers run from the pip-installed pyspark on 127.0.0.1. The spark-submit commands are read from
+docs/deploy.md and run as they are, from the repository's folder: the jars ``make jars`` fetched (Spark's Delta
+Lake, the Kafka connector) shipped with ``--jars``, the project's code as the ``--py-files`` zip and the executors'
+Python as the packed environment (``--archives``) of ``make dist``. Only the master's address is replaced, a few
+settings for this small machine are added, and ``--set`` overrides follow ``--config conf/cluster.yaml``. The
+nearline job reads a real Kafka broker's topic and both jobs write Spark's Delta tables (``storage.backend:
+spark-delta``, as conf/cluster.yaml says), read back here with delta-rs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,21 +28,26 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyspark
 import pytest
-import yaml
 from deltalake import DeltaTable
 
+from jobs.runtime.jvm import jar_paths
 from jobs.simulate.writers import generate
 from tests.jobs.streams import stream_spec
+from tests.services.kafka import KafkaBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "dist"
 CODE_ZIP = DIST / "lambda_learner_spark.zip"
 ENVIRONMENT = DIST / "lambda_learner_spark_env.tar.gz"
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+# The master the documented commands name; the test's cluster replaces it.
+DOCUMENTED_MASTER = "spark://master:7077"
 WORKERS = 2
 SUBMIT_TIMEOUT = 600.0
 # Variables that would hand the daemons or the executors the test's own interpreter or paths.
 INHERITED = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "PYTHONPATH", "PYTHONHOME", "SPARK_HOME", "SPARK_CONF_DIR")
+TOPIC = "training-events"
 
 # Runs on the executors: where the interpreter, the project's code and a dependency come from.
 PROBE = """
@@ -172,24 +182,52 @@ def wait_for_workers(master_log: Path, processes: Sequence[subprocess.Popen], ti
         time.sleep(0.5)
 
 
-def submit(cluster: Cluster, workspace: Path, script: Path, *arguments: str) -> subprocess.CompletedProcess:
-    """spark-submit in client mode from ``workspace``, shipping the zip and the packed environment."""
-    command = [
-        str(SPARK_HOME / "bin" / "spark-submit"),
-        *("--master", cluster.master, "--deploy-mode", "client"),
-        *("--py-files", str(CODE_ZIP), "--archives", f"{ENVIRONMENT}#environment"),
-        *("--conf", "spark.pyspark.python=./environment/bin/python"),
-        *("--conf", f"spark.pyspark.driver.python={sys.executable}"),
-        *("--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=1"),
-        *("--conf", "spark.sql.shuffle.partitions=2", "--conf", "spark.sql.session.timeZone=UTC"),
-        *("--conf", "spark.ui.enabled=false", "--conf", "spark.driver.host=127.0.0.1"),
-        str(script),
-        *arguments,
-    ]
+def documented_commands() -> dict[str, list[str]]:
+    """The spark-submit commands of docs/deploy.md (indented code, continued lines joined), by their script's name."""
+    commands: list[str] = []
+    current: str | None = None
+    for line in DEPLOY_DOC.read_text().splitlines():
+        if current is None and not line.startswith("    spark-submit "):
+            continue
+        current = line.strip() if current is None else f"{current} {line.strip()}"
+        if current.endswith("\\"):
+            current = current[:-1].rstrip()
+        else:
+            commands.append(current)
+            current = None
+    scripts = {}
+    for command in commands:
+        tokens = shlex.split(command)
+        (script,) = [token for token in tokens if token.endswith(".py")]
+        scripts[Path(script).name] = tokens
+    return scripts
+
+
+def on_cluster(documented: Sequence[str], cluster: Cluster, workspace: Path) -> list[str]:
+    """A documented command for the test's cluster: its master, and settings for one small machine."""
+    assert documented[0] == "spark-submit" and DOCUMENTED_MASTER in documented, documented
+    command = [str(SPARK_HOME / "bin" / "spark-submit")]
+    command += [cluster.master if token == DOCUMENTED_MASTER else token for token in documented[1:]]
+    settings = {
+        "spark.driver.host": "127.0.0.1",
+        "spark.ui.enabled": "false",
+        "spark.executor.memory": "1g",
+        "spark.executor.cores": "1",
+        "spark.sql.shuffle.partitions": "2",
+        # Delta rebuilds a snapshot with 50 tasks by default: most of a small job's time on two one-core workers.
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.sql.warehouse.dir": str(workspace / "warehouse"),
+    }
+    extra = [item for key, value in settings.items() for item in ("--conf", f"{key}={value}")]
+    return [command[0], *extra, *command[1:]]
+
+
+def submit(command: Sequence[str], cluster: Cluster) -> subprocess.CompletedProcess:
+    """Run a spark-submit command from the repository's folder, as docs/deploy.md says."""
     environment = clean_environment(SPARK_CONF_DIR=str(cluster.conf_dir))
     process = subprocess.Popen(
         command,
-        cwd=workspace,
+        cwd=ROOT,
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -203,15 +241,38 @@ def submit(cluster: Cluster, workspace: Path, script: Path, *arguments: str) -> 
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    with KafkaBroker(tmp_path_factory.mktemp("kafka")) as running:
+        yield running
+
+
 def last_json(output: str):
     """The last JSON line a job printed: spark-submit mixes the driver's log lines into its output."""
     return json.loads([line for line in output.splitlines() if line.startswith(("{", "["))][-1])
 
 
+def test_the_documented_commands_ship_the_fetched_jars_and_the_dist_artifacts():
+    commands = documented_commands()
+    assert set(commands) == {"nearline_update.py", "nightly_retrain.py"}
+    for tokens in commands.values():
+        options = dict(zip(tokens[1::2], tokens[2::2], strict=False))
+        assert options["--jars"] == ".jars/spark/*.jar"
+        assert {Path(jar).name for jar in jar_paths("spark")} >= {
+            "delta-spark_4.2_2.13-4.4.0.jar",
+            "spark-sql-kafka-0-10_2.13-4.2.0.jar",
+        }
+        assert (ROOT / options["--py-files"]) == CODE_ZIP
+        assert options["--archives"] == f"{ENVIRONMENT.relative_to(ROOT)}#environment"
+        assert tokens[-2:] == ["--config", "conf/cluster.yaml"]
+
+
 def test_the_executors_run_the_shipped_environment_and_code(dist: Path, cluster: Cluster, tmp_path: Path) -> None:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    result = submit(cluster, tmp_path, script)
+    documented = documented_commands()["nearline_update.py"]
+    options = documented[: next(index for index, token in enumerate(documented) if token.endswith(".py"))]
+    result = submit([*on_cluster(options, cluster, tmp_path), str(script)], cluster)
     assert result.returncode == 0, result.stderr[-5000:]
     places = last_json(result.stdout)
 
@@ -233,37 +294,47 @@ def test_the_executors_run_the_shipped_environment_and_code(dist: Path, cluster:
         assert all(Path(entry).is_relative_to(SPARK_HOME) for entry in foreign), place
 
 
-def test_the_nearline_then_the_nightly_job_run_on_the_cluster(dist: Path, cluster: Cluster, tmp_path: Path) -> None:
-    stream = generate(stream_spec(events=1200, slices=2, bad_event_rate=0.02), tmp_path / "stream")
+def test_the_nearline_then_the_nightly_job_run_on_the_cluster_from_kafka_into_spark_delta_tables(
+    dist: Path, cluster: Cluster, broker: KafkaBroker, tmp_path: Path
+) -> None:
+    stream = generate(stream_spec(events=600, slices=2, bad_event_rate=0.02), tmp_path / "stream")
+    records = [line for path in stream.files for line in path.read_text().splitlines()]
+    broker.create_topic(TOPIC, partitions=1)
+    broker.produce(TOPIC, records)
     tables = tmp_path / "tables"
-    settings = {
-        "spark": {"master": None},  # the session spark-submit made
-        "storage": {"backend": "delta-rs", "root": str(tables)},
-        "stream": {
-            "source": "files",
-            "path": str(stream.landing),
-            "format": "json",
-            "trigger": "available_now",
-            "max_files_per_trigger": 1,
-            "checkpoint": str(tmp_path / "checkpoint"),
-        },
-        "nearline": {"entity_buckets": 4},
-        "nightly": {"entity_buckets": 4, "holdout_hours": 1, "passes": 1},
+    # After the documented --config conf/cluster.yaml: this machine's tables, broker and a stream that ends.
+    overrides = {
+        "storage.root": str(tables),
+        "stream.options.kafka.bootstrap.servers": broker.bootstrap_servers,
+        "stream.options.subscribe": TOPIC,
+        "stream.trigger": "available_now",
+        "stream.checkpoint": str(tmp_path / "checkpoint"),
+        "stream.max_offsets_per_trigger": str(math.ceil(len(records) / 2)),  # two micro-batches
+        "nearline.entity_buckets": "4",
+        "nightly.entity_buckets": "4",
+        "nightly.holdout_hours": "1",
+        "nightly.passes": "1",
     }
-    # Only the job's own settings are deployed: the defaults come with the shipped code.
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(settings))
+    arguments = [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+    commands = documented_commands()
 
-    nearline = submit(cluster, tmp_path, ROOT / "jobs" / "nearline_update.py", "--config", str(config))
+    nearline = submit([*on_cluster(commands["nearline_update.py"], cluster, tmp_path), *arguments], cluster)
     assert nearline.returncode == 0, nearline.stderr[-5000:]
+    assert (tables / "events" / "_delta_log").is_dir()
     events = DeltaTable(str(tables / "events")).to_pyarrow_table()
-    assert events.num_rows > 0 and pc.count_distinct(events["batch_id"]).as_py() == len(stream.files)
+    quarantined = DeltaTable(str(tables / "quarantine")).to_pyarrow_table()
+    assert events.num_rows + quarantined.num_rows == len(records)
+    assert pc.count_distinct(events["event_id"]).as_py() == events.num_rows
+    assert sorted(pc.unique(events["batch_id"]).to_pylist()) == [0, 1]
     metrics = DeltaTable(str(tables / "metrics")).to_pyarrow_table()
-    assert pc.sum(pc.equal(metrics["job"], "nearline")).as_py() == len(stream.files)
+    assert pc.sum(pc.equal(metrics["job"], "nearline")).as_py() == 2
     state = DeltaTable(str(tables / "re_state")).to_pyarrow_table()
     assert set(state["re_type"].to_pylist()) == {"per_member", "per_item"}
+    # Written by Spark's Delta Lake (the commits name their engine), not by delta-rs.
+    engines = {str(entry.get("engineInfo", "")) for entry in DeltaTable(str(tables / "re_state")).history()}
+    assert any("Delta-Lake" in engine for engine in engines), engines
 
-    nightly = submit(cluster, tmp_path, ROOT / "jobs" / "nightly_retrain.py", "--config", str(config))
+    nightly = submit([*on_cluster(commands["nightly_retrain.py"], cluster, tmp_path), *arguments], cluster)
     assert nightly.returncode == 0, nightly.stderr[-5000:]
     report = last_json(nightly.stdout)
     assert report["status"] == "published" and report["generation"] == 1, report

@@ -38,6 +38,17 @@ DEFAULT_CONF = {
     "spark.databricks.delta.snapshotPartitions": "2",
 }
 
+# The server's log: warnings and errors, on stderr (which goes to connect.log).
+LOG4J2_CONFIG = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+"""
+
 
 def spark_home() -> Path:
     """pip-installed pyspark's folder, which is a SPARK_HOME (``bin/spark-submit``, ``jars/``)."""
@@ -128,6 +139,8 @@ class ConnectServer:
             "SPARK_CONF_DIR": str(self.workdir / "conf"),
         }
         (self.workdir / "conf").mkdir(exist_ok=True)
+        # Warnings and errors only: Spark's INFO lines (several per request) cost the shared cores real time.
+        (self.workdir / "conf" / "log4j2.properties").write_text(LOG4J2_CONFIG)
         out = self.log_path.open("ab")
         try:
             self._process = subprocess.Popen(

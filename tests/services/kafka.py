@@ -1,12 +1,13 @@
 """A real single-node Kafka 4.4 broker for the tests, run from the jars ``make jars`` fetched into ``.jars/kafka``.
 
 One JVM in KRaft mode (broker and controller in one process, no ZooKeeper) on free ports of 127.0.0.1, with its
-config, data and log in a folder the caller gives (a pytest ``tmp_path``). Topics are made, and records deleted,
-with Kafka's own admin tools (``java -cp`` on the same jars), so the tests need no Python Kafka client.
+config, data and log in a folder the caller gives (a pytest ``tmp_path``). Topics are made, records written and
+deleted with Kafka's own tools (``java -cp`` on the same jars), so the tests need no Python Kafka client (and no
+Spark session of their own: Spark's Kafka sink would do too, but its cached producers outlive the broker).
 
     with KafkaBroker(tmp_path / "kafka") as broker:
         broker.create_topic("events", partitions=2)
-        df.write.format("kafka").option("kafka.bootstrap.servers", broker.bootstrap_servers)...
+        broker.produce("events", ['{"event_id": "e1"}', ...])
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -33,6 +34,7 @@ TOPIC_COMMAND = "org.apache.kafka.tools.TopicCommand"
 CONFIG_COMMAND = "org.apache.kafka.tools.ConfigCommand"
 DELETE_RECORDS_COMMAND = "org.apache.kafka.tools.DeleteRecordsCommand"
 GET_OFFSET_SHELL = "org.apache.kafka.tools.GetOffsetShell"
+CONSOLE_PRODUCER = "org.apache.kafka.tools.ConsoleProducer"
 # The line KafkaRaftServer logs once the broker is unfenced and serving; an open port alone comes a little earlier.
 STARTED_LINE = "Kafka Server started"
 
@@ -234,6 +236,30 @@ class KafkaBroker:
         args += ["--entity-name", name, "--add-config", pairs]
         self._java(CONFIG_COMMAND, args)
 
+    def produce(self, topic: str, values: Iterable[str], *, keys: Iterable[str] | None = None) -> int:
+        """Write one record per value (a line of text) to ``topic``, in order, with Kafka's console producer.
+
+        With ``keys`` (one per value) a record's partition is its key's hash, as any producer's default; without,
+        the producer picks. Values and keys hold no newline, keys no tab. Returns how many records were written
+        (all of them, acknowledged by the broker, or this raises).
+        """
+        values = list(values)
+        args = ["--bootstrap-server", self.bootstrap_servers, "--topic", topic]
+        args += ["--producer-property", "acks=all", "--producer-property", "linger.ms=5"]
+        if keys is None:
+            lines = values
+        else:
+            keys = list(keys)
+            if len(keys) != len(values):
+                raise ValueError(f"{len(keys)} keys for {len(values)} values")
+            lines = [f"{key}\t{value}" for key, value in zip(keys, values, strict=True)]
+            args += ["--property", "parse.key=true", "--property", "key.separator=\t"]
+        if any("\n" in line or "\r" in line for line in lines):
+            raise ValueError("a record's value or key holds a line break: the console producer would split it")
+        # A record the broker refused is an ERROR line of the producer's log; the tool itself still exits 0.
+        self._java(CONSOLE_PRODUCER, args, stdin="".join(f"{line}\n" for line in lines), errors_logged_fail=True)
+        return len(lines)
+
     def delete_records(self, topic: str, partition: int, before_offset: int) -> None:
         """Delete every record of ``topic``'s ``partition`` below ``before_offset``: its earliest offset becomes that.
 
@@ -259,16 +285,26 @@ class KafkaBroker:
                 result[int(parts[1])] = int(parts[2])
         return result
 
-    def _java(self, main_class: str, args: Sequence[str], timeout: float = 120.0) -> str:
+    def _java(
+        self,
+        main_class: str,
+        args: Sequence[str],
+        timeout: float = 120.0,
+        stdin: str | None = None,
+        errors_logged_fail: bool = False,
+    ) -> str:
         """Run one of Kafka's command-line tools on the fetched jars; its stdout, or an error with its output."""
         log4j = self.workdir / "tools-log4j2.properties"
         cmd = [self.java, *TOOL_JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}", "-cp", self.classpath, main_class]
         cmd += list(args)
         started = time.monotonic()
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=self.workdir)
+        result = subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False, cwd=self.workdir
+        )
         took = time.monotonic() - started
         # The tools print some failures and still exit 0 (DeleteRecordsCommand reports per partition).
         failed = result.returncode != 0 or "Error" in result.stdout or "Exception" in result.stdout
+        failed = failed or (errors_logged_fail and any(line.startswith("ERROR") for line in result.stderr.splitlines()))
         if failed:
             raise ServiceError(
                 f"{main_class} {' '.join(args)} failed (exit {result.returncode}, after {took:.1f} s):\n"

@@ -9,7 +9,6 @@ every later classic test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,13 +17,9 @@ import textwrap
 
 import pytest
 
-from jobs.runtime.jvm import jar_paths, spark_jars_conf
+from jobs.runtime.jvm import spark_jars_conf
 from tests.services.connect import ConnectServer
 from tests.services.kafka import KafkaBroker
-
-pytestmark = pytest.mark.skipif(
-    not jar_paths("spark") or not jar_paths("kafka"), reason="the JVM jars are not fetched: run `make jars`"
-)
 
 
 @pytest.fixture(scope="module")
@@ -131,21 +126,7 @@ CONNECT_CLIENT = textwrap.dedent(
 )
 
 
-# pyspark[connect]'s client packages beyond pandas, pyarrow and numpy (import names).
-CONNECT_CLIENT_MODULES = ("grpc", "grpc_status", "google.rpc.status_pb2", "zstandard")
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a missing parent package
-        return False
-
-
 def test_connect_server_runs_pandas_udfs_and_delta(tmp_path):
-    missing = [name for name in CONNECT_CLIENT_MODULES if not _installed(name)]
-    if missing:
-        pytest.skip(f"Spark Connect's client packages are not installed: {missing}")
     with ConnectServer(tmp_path / "connect") as server:
         assert server.url.startswith("sc://127.0.0.1:")
         result = subprocess.run(
