@@ -9,7 +9,10 @@
 5. the nightly job publishes generation 2;
 6. the nearline job drains the last third, rebasing on generation 2;
 7. score requests (Thompson-sampled top 3 items for a few members);
-8. print a short report of what is in the tables.
+8. the chain from raw streams: impressions and clicks (with a tail of late clicks, duplicates and
+   orphans) -> the label join -> the nearline job reading its output table -> the nightly job, once,
+   then the rest of the streams through both jobs again (the nearline job rebasing);
+9. print a short report of what is in the tables.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import logging
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from pyspark.sql import functions as F
 
+from jobs.label_join import run_label_join
 from jobs.nearline_update import run_nearline
 from jobs.nightly_retrain import run_nightly
 from jobs.runtime.cli import configure_logging
@@ -31,15 +36,17 @@ from jobs.runtime.config import load_config
 from jobs.runtime.session import spark_session
 from jobs.runtime.settings import Config
 from jobs.score import read_requests, score_requests
+from jobs.simulate.clicks import ClickSpec, generate_clicks
 from jobs.simulate.spec import RandomEffectSpec, StreamSpec
-from jobs.simulate.writers import generate
+from jobs.simulate.writers import deliver, generate
 from jobs.storage.store import TableStore, open_store
 
 LOG = logging.getLogger("lambda_learner.demo")
 TABLES = ("events", "quarantine", "fixed_effect", "re_priors", "re_state", "metrics")
 
 
-def run_demo(out: Path, events: int, slices: int = 12) -> dict:
+def run_demo(out: Path, events: int, slices: int = 12, engine: str = "delta-rs") -> dict:
+    """The whole system once, on ``engine``'s tables (``delta-rs``, the embedded default, or ``spark-delta``)."""
     shutil.rmtree(out, ignore_errors=True)
     spec = StreamSpec(
         random_effects=(
@@ -59,25 +66,23 @@ def run_demo(out: Path, events: int, slices: int = 12) -> dict:
     landing = out / "landing"
     landing.mkdir()
     # The packaged defaults and conf/local.yaml's settings, so that an installed wheel runs it too.
-    config = load_config(
-        None,
-        [
-            "spark.master=local[2]",
-            "spark.shuffle_partitions=4",
-            "spark.conf.spark.driver.memory=6g",
-            "storage.backend=delta-rs",
-            "stream.source=files",
-            "stream.format=json",
-            "stream.trigger=available_now",
-            "stream.max_files_per_trigger=1",
-            f"storage.root={out / 'tables'}",
-            f"stream.path={landing}",
-            f"stream.checkpoint={out / 'checkpoint'}",
-            "nightly.holdout_hours=1",
-            "nearline.entity_buckets=8",
-            "nightly.entity_buckets=8",
-        ],
-    )
+    overrides = [
+        "spark.master=local[2]",
+        "spark.shuffle_partitions=4",
+        "spark.conf.spark.driver.memory=6g",
+        f"storage.backend={engine}",
+        "stream.source=files",
+        "stream.format=json",
+        "stream.trigger=available_now",
+        "stream.max_files_per_trigger=1",
+        f"storage.root={out / 'tables'}",
+        f"stream.path={landing}",
+        f"stream.checkpoint={out / 'checkpoint'}",
+        "nightly.holdout_hours=1",
+        "nearline.entity_buckets=8",
+        "nightly.entity_buckets=8",
+    ]
+    config = load_config(None, overrides)
     spark = spark_session(config.spark)
     store = open_store(spark, config.storage)
     files = sorted(truth.landing.glob("part-*"))
@@ -88,19 +93,101 @@ def run_demo(out: Path, events: int, slices: int = 12) -> dict:
             report = run_nightly(spark, store, config)
             nightly.append(report)
             LOG.info("nightly run %d: %s (generation %s)", part, report.status, report.generation)
-        _deliver(chunk, landing)
+        deliver(chunk, landing)
         run_nearline(spark, config)
         LOG.info("nearline: drained %d more files", len(chunk))
     recommendations = _recommend(spark, store, config, files[-1], out)
-    return _report(store, config, truth.summary(), nightly, recommendations)
+    report = _report(store, config, truth.summary(), nightly, recommendations)
+    report["chain"] = _chain(spark, spec, out / "chain", overrides)
+    return report
 
 
-def _deliver(files: Sequence[Path], landing: Path) -> None:
-    """Land files whole: a file source must never see half a file."""
-    for path in files:
-        hidden = landing / f".{path.name}"
-        shutil.copy(path, hidden)
-        hidden.rename(landing / path.name)
+# The label join's settings in the chain: a 15-minute attribution window, 2 minutes of lateness.
+CHAIN_WINDOW_MINUTES, CHAIN_LATENESS_MINUTES = 15, 2
+
+
+def _chain(spark, spec: StreamSpec, out: Path, overrides: list[str]) -> dict:
+    """Impressions and clicks through the label join, the nearline job (on its output table) and the nightly job."""
+    clicks = ClickSpec(
+        median_delay_minutes=3.0,
+        delay_sigma=1.2,
+        duplicate_rate=0.05,
+        orphan_rate=0.02,
+        late_rate=0.02,
+        late_minutes=40.0,
+        trailing_slices=2,
+    )
+    truth = generate_clicks(replace(spec, bad_event_rate=0.0, slice_minutes=10.0), clicks, out / "stream")
+    landing = out / "landing"
+    config = load_config(
+        None,
+        [
+            *overrides,
+            f"storage.root={out / 'tables'}",
+            f"label_join.impressions.path={landing / 'impressions'}",
+            f"label_join.clicks.path={landing / 'clicks'}",
+            "label_join.impressions.max_files_per_trigger=1",
+            "label_join.clicks.max_files_per_trigger=1",
+            "label_join.trigger=available_now",
+            f"label_join.checkpoint={out / 'label-join-checkpoint'}",
+            f"label_join.attribution_window_minutes={CHAIN_WINDOW_MINUTES}",
+            f"label_join.allowed_lateness_minutes={CHAIN_LATENESS_MINUTES}",
+            "stream.source=delta",
+            f"stream.path={out / 'tables' / 'labelled_events'}",
+            f"stream.checkpoint={out / 'nearline-checkpoint'}",
+            "stream.max_files_per_trigger=null",
+            # The nearline job takes each part in one micro-batch: the nightly job holds none of it out.
+            "nightly.holdout_hours=0",
+        ],
+    )
+    store = open_store(spark, config.storage)
+    cut = 2 * len(truth.impression_files) // 3
+    nightly = None
+    for impressions, clicks_files in (
+        (truth.impression_files[:cut], truth.click_files[:cut]),
+        (truth.impression_files[cut:], truth.click_files[cut:]),
+    ):
+        if nightly is None and impressions[0] != truth.impression_files[0]:
+            nightly = run_nightly(spark, store, config)
+            LOG.info("chain: nightly run %s (generation %s)", nightly.status, nightly.generation)
+        deliver(impressions, landing / "impressions")
+        deliver(clicks_files, landing / "clicks")
+        run_label_join(spark, config)
+        run_nearline(spark, config)
+        LOG.info("chain: joined and learnt %d more impression files", len(impressions))
+    join = config.label_join
+    batches = store.read(join.metrics_table).orderBy("batch_id").collect()
+    totals = {key: int(sum(row["values"].get(key, 0.0) for row in batches)) for key in CHAIN_FIGURES}
+    nearline = store.read("metrics").where("job = 'nearline'").orderBy("batch_id").collect()
+    return {
+        "streams": {key: truth.counts[key] for key in ("impressions", "clicks_delivered", "clicked_impressions")},
+        "label_join": {
+            "batches": len(batches),
+            **totals,
+            "quarantined_by_reason": {
+                key.split(".", 1)[1]: int(sum(row["values"][key] for row in batches))
+                for key in sorted(batches[-1]["values"])
+                if key.startswith("quarantined.") and any(row["values"][key] for row in batches)
+            },
+            "pending_at_the_end": int(batches[-1]["values"]["pending_impressions"]),
+        },
+        "labelled_events": store.read(join.output_table).count(),
+        "nearline_events": store.read("events").count(),
+        "nightly": {"status": nightly.status, "generation": nightly.generation, "cutoff": nightly.cutoff_batch_id},
+        "nearline": [
+            {
+                "batch": row.batch_id,
+                "status": row.status,
+                "events": int(row["values"]["rows_valid"]),
+                "loss_before": round(row["values"].get("loss_before", float("nan")), 4),
+                "loss_after": round(row["values"].get("loss_after", float("nan")), 4),
+            }
+            for row in nearline
+        ],
+    }
+
+
+CHAIN_FIGURES = ("impressions_in", "clicks_in", "positives", "negatives", "quarantined")
 
 
 def _recommend(spark, store: TableStore, config: Config, source: Path, out: Path) -> list[dict]:
@@ -175,16 +262,40 @@ def _print(report: dict) -> None:
     print("Thompson-sampled top 3 items per member:")
     for row in report["recommendations"]:
         print(f"  {row['member_id']} #{row['rank']} {row['item_id']} ({row['score']})")
+    chain = report["chain"]
+    streams, join = chain["streams"], chain["label_join"]
+    print(
+        f"chain: {streams['impressions']} impressions and {streams['clicks_delivered']} clicks "
+        f"-> label join ({CHAIN_WINDOW_MINUTES}-minute window, {join['batches']} micro-batches) "
+        "-> nearline -> nightly"
+    )
+    print(
+        f"  label join: {join['positives']} positives, {join['negatives']} negatives, "
+        f"{join['pending_at_the_end']} impressions still in their window; quarantined "
+        + ", ".join(f"{count} {reason}" for reason, count in join["quarantined_by_reason"].items())
+    )
+    print(
+        f"  nearline: {chain['nearline_events']} of {chain['labelled_events']} labelled events learnt; nightly: "
+        f"generation {chain['nightly']['generation']} {chain['nightly']['status']}"
+    )
+    for batch in chain["nearline"]:
+        print(
+            f"  nearline batch {batch['batch']} {batch['status']:8s} {batch['events']} events, "
+            f"{batch['loss_before']:.4f} -> {batch['loss_after']:.4f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole system once on the embedded default.")
     parser.add_argument("--out", default="var/demo", help="folder for the stream, the tables and the report")
     parser.add_argument("--events", type=int, default=12_000)
+    parser.add_argument(
+        "--engine", choices=("delta-rs", "spark-delta"), default="delta-rs", help="the Delta engine of the tables"
+    )
     args = parser.parse_args(argv)
     configure_logging()
     out = Path(args.out).resolve()
-    report = run_demo(out, args.events)
+    report = run_demo(out, args.events, engine=args.engine)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _print(report)
     return 0

@@ -46,6 +46,11 @@ malformed_payload is skipped and a bad event time is always missing (null).
 
 Event times rise strictly (microseconds, ISO-8601 with a Z) within and across files. The same spec and
 seed give byte-identical files.
+
+**Impressions and clicks.** With ``--clicks`` the same events are written as the label join's two
+input streams instead: ``out_dir/impressions/`` (the events without label and weight) and
+``out_dir/clicks/`` (a click after a random delay for each event labelled 1, plus duplicate, orphan
+and late-delivered clicks), with their truth; ``jobs/simulate/clicks.py`` describes them.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from jobs.simulate.clicks import DELAYS, ClickSpec, generate_clicks
 from jobs.simulate.spec import DEFAULT_ENTITIES, DEFAULT_RANDOM_EFFECTS, FORMATS, TASKS, RandomEffectSpec, StreamSpec
 from jobs.simulate.writers import generate
 
@@ -93,7 +99,32 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--slice-minutes", type=float, default=60.0)
     parser.add_argument("--start", default="2026-11-01T00:00:00Z")
     parser.add_argument("--config", type=Path, help="take the random-effect types, bags and task from this YAML")
+    clicks = parser.add_argument_group(
+        "impressions and clicks", "with --clicks: two streams for the label join instead (jobs/simulate/clicks.py)"
+    )
+    clicks.add_argument("--clicks", action="store_true", help="write impressions/ and clicks/ instead of landing/")
+    clicks.add_argument("--click-delay", choices=DELAYS, default="lognormal", help="the distribution of click delays")
+    clicks.add_argument("--median-click-delay-minutes", type=float, default=5.0)
+    clicks.add_argument("--click-delay-sigma", type=float, default=1.0, help="log-normal shape: the tail's weight")
+    clicks.add_argument("--duplicate-click-rate", type=float, default=0.0, help="share of clicks sent twice")
+    clicks.add_argument("--orphan-click-rate", type=float, default=0.0, help="clicks on no impression, per click")
+    clicks.add_argument("--late-click-rate", type=float, default=0.0, help="share of clicks delivered late")
+    clicks.add_argument("--late-click-minutes", type=float, default=120.0, help="how late a late click is delivered")
+    clicks.add_argument("--trailing-click-slices", type=int, default=2, help="click files after the last impressions'")
     return parser.parse_args(argv)
+
+
+def _click_spec_from_arguments(arguments: argparse.Namespace) -> ClickSpec:
+    return ClickSpec(
+        delay=arguments.click_delay,
+        median_delay_minutes=arguments.median_click_delay_minutes,
+        delay_sigma=arguments.click_delay_sigma,
+        duplicate_rate=arguments.duplicate_click_rate,
+        orphan_rate=arguments.orphan_click_rate,
+        late_rate=arguments.late_click_rate,
+        late_minutes=arguments.late_click_minutes,
+        trailing_slices=arguments.trailing_click_slices,
+    )
 
 
 def _spec_from_arguments(arguments: argparse.Namespace) -> StreamSpec:
@@ -139,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     began = time.perf_counter()
     try:
         spec = _spec_from_arguments(arguments)
-        result = generate(spec, arguments.out)
+        if arguments.clicks:
+            result = generate_clicks(spec, _click_spec_from_arguments(arguments), arguments.out)
+        else:
+            result = generate(spec, arguments.out)
     except (ValueError, FileExistsError) as error:
         raise SystemExit(f"generate: {error}") from None
     print(json.dumps(result.summary() | {"seconds": round(time.perf_counter() - began, 3)}))

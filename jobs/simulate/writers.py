@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import shutil
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -220,3 +222,26 @@ def generate(spec: StreamSpec, out_dir: Path) -> GroundTruth:
             table = _parquet_table(stream, start, stop, in_slice)
             write_atomically(path, lambda temporary, table=table: pq.write_table(table, temporary))
     return result
+
+
+def in_order(files: Sequence[Path], after: float = 0.0) -> None:
+    """Modification times a second apart, rising with the files' order, ending now (or later than ``after``).
+
+    A file source takes files by modification time (in milliseconds): small files written in the
+    same millisecond would be taken in any order.
+    """
+    first = max(time.time() - (len(files) - 1), after + 1.0)
+    for index, path in enumerate(files):
+        os.utime(path, (first + index, first + index))
+
+
+def deliver(files: Sequence[Path], folder: Path) -> None:
+    """Land copies of ``files`` in ``folder``, each appearing whole, to be taken in their order after those there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    there = [path.stat().st_mtime for path in folder.iterdir() if not path.name.startswith(".")]
+    hidden = [folder / f".{path.name}" for path in files]
+    for source, copy in zip(files, hidden, strict=True):
+        shutil.copyfile(source, copy)
+    in_order(hidden, after=max(there, default=0.0))
+    for copy in hidden:
+        copy.rename(folder / copy.name[1:])

@@ -1,0 +1,95 @@
+"""The body of the label join's ``foreachBatch``: one micro-batch joined and written exactly once.
+
+Every write carries the Delta transaction ``(label_join.app_id, batch id)``: the labelled events, the
+quarantine rows (each unless there are none) and the metrics row are appended, then the new state
+replaces the old one. The state is the commit point: a batch whose state is in the table is skipped
+whole, and until then the batch is computed from the state as it was before it, with the same
+arrivals (Spark replays a batch with the same offsets), so a replay writes what the first attempt
+would have written and the guard skips what it already wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark.sql import DataFrame, SparkSession
+
+from jobs.labels.join import join_batch
+from jobs.labels.schemas import label_join_tables
+from jobs.runtime.faults import crash_point
+from jobs.runtime.settings import Config
+from jobs.runtime.timing import timed
+from jobs.storage.schemas import metrics_row
+from jobs.storage.store import Guard, TableStore, open_store
+
+LOG = logging.getLogger("lambda_learner.label_join")
+JOB = "label_join"
+
+
+class LabelJoiner:
+    """One micro-batch of arrivals (impressions and clicks) joined against the pending state, at most once.
+
+    It holds settings only (it is pickled to the server on Spark Connect): each batch opens the
+    store on the batch's own session.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._created = False
+
+    def __call__(self, arrivals: DataFrame, batch_id: int) -> None:
+        self.process(arrivals, batch_id)
+
+    def store(self, spark: SparkSession) -> TableStore:
+        """The tables, created on first use."""
+        store = open_store(spark, self.config.storage)
+        if not self._created:
+            join = self.config.label_join
+            tables = label_join_tables(
+                self.config.model, join.output_table, join.pending_table, join.quarantine_table, join.metrics_table
+            )
+            for name, schema in tables.items():
+                store.create(name, schema)
+            self._created = True
+        return store
+
+    def process(self, arrivals: DataFrame, batch_id: int) -> dict[str, float]:
+        join, store = self.config.label_join, self.store(arrivals.sparkSession)
+        guard = Guard(join.app_id, batch_id)
+        if store.applied(join.pending_table, guard):
+            LOG.info("batch %d was joined before a restart; nothing to do", batch_id)
+            return {}
+        crash_point("label_join:before_writes", batch_id)
+        seconds: dict[str, float] = {}
+        with timed("join", seconds):
+            arrivals = arrivals.localCheckpoint(eager=True)
+            # The state is as it was before this batch: replacing it is the batch's last write.
+            joined = join_batch(arrivals, store.read(join.pending_table), self.config, batch_id)
+        with timed("write", seconds):
+            # An empty append is left out: a replay finds it empty again, and a commit costs (Spark's Delta most).
+            if joined.values["labelled"]:
+                store.append(join.output_table, joined.labelled.coalesce(1), guard=guard)
+            crash_point("label_join:after_output", batch_id)
+            if joined.values["quarantined"]:
+                store.append(join.quarantine_table, joined.quarantined.coalesce(1), guard=guard)
+            crash_point("label_join:after_quarantine", batch_id)
+            values = joined.values | {f"seconds.{step}": value for step, value in seconds.items()}
+            row = metrics_row(store.spark, JOB, f"batch-{batch_id}", batch_id, None, "joined", values, None)
+            store.append(join.metrics_table, row, guard=guard)
+            crash_point("label_join:after_metrics", batch_id)
+            store.overwrite(join.pending_table, joined.state.coalesce(1), guard=guard)
+            crash_point("label_join:after_state", batch_id)
+        LOG.info(
+            "batch %d: %d impressions, %d clicks in; %d positives, %d negatives out; %d quarantined; "
+            "%d pending, %d clicks waiting; %.1f s",
+            batch_id,
+            values["impressions_in"],
+            values["clicks_in"],
+            values["positives"],
+            values["negatives"],
+            values["quarantined"],
+            values["pending_impressions"],
+            values["waiting_clicks"],
+            sum(seconds.values()),
+        )
+        return values
