@@ -1,12 +1,17 @@
-"""The nightly job on local[2]: wall time and events per second, scaling, and the random-effect step's grouping.
+"""The nightly job on local[2] at growing sizes: wall time, scaling, and the driver's peak memory, per engine.
 
-One random-effect type (100k entities at 1M events) and a fixed effect, 20 features each.
-Every size runs the whole job (read, coordinate descent, validation, publication) on a
-fresh copy of the tables; then the random-effect step runs alone twice on the same rows,
-grouped by entity bucket and with one entity per pandas call. One entity per call costs
-milliseconds per entity, so that comparison runs on a sample of entities (both ways).
+One random-effect type (entities: 10% of the events) and a fixed effect, 20 features each, at
+250k, 1M and 4M events on Spark's Delta, and on delta-rs at the sizes given (``--delta-rs-sizes``).
+Each size's stream is generated once and ingested into each engine's tables (one process per
+size); then every (engine, size) runs the whole job (read, coordinate descent, validation,
+publication) in a fresh process of its own, so that its peak memory is its own: the Python
+driver's peak resident set (``getrusage``) and the JVM's (``VmHWM`` of the driver's java child
+process), each also at the job's start (after the session's start), so the job's own growth shows.
+Last, on the largest Spark-Delta size, the random-effect step runs alone twice on the same sample
+of entities: grouped by entity bucket and with one entity per pandas call.
 
-    python bench/nightly.py [--events 1000000 --small-events 250000] [--sample-entities 4000]
+    python bench/nightly.py [--sizes 250000,1000000,4000000 --delta-rs-sizes 1000000 --sample-entities 20000]
+    python bench/nightly.py --quick     # tiny sizes, for a smoke test
 """
 
 from __future__ import annotations
@@ -14,31 +19,35 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import common
-from pyspark.sql import functions as F
+from common import Stopwatch, StoreProfile, emit, jvm_peak_rss_mb, jvm_pid, python_peak_rss_mb
 
-from jobs.game.random_effect import RandomEffect
-from jobs.game.training_data import training_window
-from jobs.nightly_retrain import run_nightly
-from jobs.runtime.session import spark_session
-from jobs.simulate.spec import RandomEffectSpec, StreamSpec
-from jobs.simulate.writers import generate
-from jobs.storage.ingest import ingest_batch
-from jobs.storage.schemas import table_schemas
-from jobs.storage.store import open_store
+HERE = Path(__file__).resolve()
 
 
-def settings(folder: Path, *extra: str):
-    return common.settings(folder / "tables", "nightly.holdout_hours=1", *extra)
+def settings(tables: Path, engine: str, *extra: str):
+    return common.engine_settings(tables, engine, "nightly.holdout_hours=1", *extra)
 
 
-def prepare(spark, folder: Path, events: int, entities: int) -> dict:
-    """Generate the stream as parquet and ingest it, one file per micro-batch."""
+def tables_of(folder: Path, engine: str) -> Path:
+    return folder / engine / "tables"
+
+
+def prepare(folder: Path, events: int, entities: int, engines: list[str]) -> dict:
+    """Generate the stream as parquet, then ingest it into each engine's tables, one file per micro-batch."""
+    from jobs.runtime.session import spark_session
+    from jobs.simulate.spec import RandomEffectSpec, StreamSpec
+    from jobs.simulate.writers import generate
+    from jobs.storage.ingest import ingest_batch
+    from jobs.storage.schemas import create_tables
+    from jobs.storage.store import open_store
+
     spec = StreamSpec(
         random_effects=(RandomEffectSpec("per_member", "member_id", "member", entities=entities, features=20),),
         events=events,
@@ -49,24 +58,37 @@ def prepare(spark, folder: Path, events: int, entities: int) -> dict:
         format="parquet",
         seed=5,
     )
-    started = time.perf_counter()
-    truth = generate(spec, folder / "stream")
-    generated = time.perf_counter() - started
-    config = settings(folder)
-    store = open_store(spark, config.storage)
-    for name, schema in table_schemas(config.model).items():
-        store.create(name, schema)
-    started = time.perf_counter()
-    for batch_id, path in enumerate(sorted(truth.landing.glob("part-*.parquet"))):
-        ingest_batch(store, config, spark.read.parquet(str(path)), batch_id)
-    return {"generate_seconds": generated, "ingest_seconds": time.perf_counter() - started}
+    with Stopwatch() as watch:
+        truth = generate(spec, folder / "stream")
+    report: dict = {"generate_seconds": watch.seconds}
+    spark = spark_session(settings(folder, engines[0]).spark)
+    for engine in engines:
+        config = settings(tables_of(folder, engine), engine)
+        store = open_store(spark, config.storage)
+        create_tables(store, config.model)
+        with StoreProfile() as profile, Stopwatch() as watch:
+            for batch_id, path in enumerate(sorted(truth.landing.glob("part-*.parquet"))):
+                ingest_batch(store, config, spark.read.parquet(str(path)), batch_id)
+        report[f"ingest_seconds.{engine}"] = watch.seconds
+        report[f"ingest_store_seconds.{engine}"] = profile.summary()
+    return report
 
 
-def run_job(spark, folder: Path) -> dict:
-    config = settings(folder)
+def run_job(folder: Path, engine: str) -> dict:
+    """The whole nightly job on the ingested tables, with the driver's memory at its start and its peak."""
+    from jobs.nightly_retrain import run_nightly
+    from jobs.runtime.session import spark_session
+    from jobs.storage.store import open_store
+
+    config = settings(tables_of(folder, engine), engine)
+    spark = spark_session(config.spark)
     store = open_store(spark, config.storage)
+    spark.range(1).count()  # the session is up: what the job adds starts here
+    jvm = jvm_pid()
+    at_start = {"python_mb": python_peak_rss_mb(), "jvm_mb": jvm_peak_rss_mb(jvm)}
     started = time.perf_counter()
-    report = run_nightly(spark, store, config)
+    with StoreProfile() as profile:
+        report = run_nightly(spark, store, config)
     seconds = time.perf_counter() - started
     rows = report.training_rows + report.holdout_rows
     return {
@@ -76,15 +98,29 @@ def run_job(spark, folder: Path) -> dict:
         "wall_seconds": seconds,
         "events_per_second": rows / seconds,
         "stage_seconds": report.seconds,
+        "store_seconds": profile.summary(),
         "holdout_auc": report.validation.get("full.auc"),
+        "python_peak_rss_mb": python_peak_rss_mb(),
+        "jvm_peak_rss_mb": jvm_peak_rss_mb(jvm),
+        "peak_rss_at_job_start": at_start,
     }
 
 
-def random_effect_step(spark, folder: Path, sample_entities: int) -> dict:
+def random_effect_step(folder: Path, engine: str, sample_entities: int) -> dict:
     """The random-effect fit alone on one sample of entities, bucketed and one entity per call."""
-    config = settings(folder)
+    from pyspark.sql import functions as F
+
+    from jobs.game.random_effect import RandomEffect
+    from jobs.game.training_data import ingested_batches, training_cutoff, training_data
+    from jobs.runtime.session import spark_session
+    from jobs.storage.store import open_store
+
+    config = settings(tables_of(folder, engine), engine)
+    spark = spark_session(config.spark)
     store = open_store(spark, config.storage)
-    training, _ = training_window(store.read("events"), config)
+    batches = ingested_batches(store, config.nearline.app_id)
+    cutoff, anchor = training_cutoff(batches, config)
+    training = training_data(store, batches, cutoff, anchor, config).training
     random_effect = config.model.random_effects[0]
     chosen = training.select("member_id").distinct().orderBy(F.xxhash64("member_id")).limit(sample_entities)
     rows = training.join(chosen, "member_id", "left_semi").withColumn("score_fixed", F.lit(0.0)).localCheckpoint()
@@ -98,9 +134,9 @@ def random_effect_step(spark, folder: Path, sample_entities: int) -> dict:
         variant.fit(few, F.lit(0.0)).coefficients.count()
     timings = {}
     for label, variant in variants.items():
-        started = time.perf_counter()
-        fitted = variant.fit(rows, F.lit(0.0)).coefficients
-        timings[label] = {"seconds": time.perf_counter() - started, "entities": fitted.count()}
+        with Stopwatch() as watch:
+            fitted = variant.fit(rows, F.lit(0.0)).coefficients
+        timings[label] = {"seconds": watch.seconds, "entities": fitted.count()}
     training.unpersist()
     return {
         "sample_entities": sample_entities,
@@ -111,30 +147,90 @@ def random_effect_step(spark, folder: Path, sample_entities: int) -> dict:
     }
 
 
+def child(*arguments: str) -> dict:
+    """One step in a fresh Python process (and so a fresh JVM): its JSON report, the last line it prints."""
+    result = subprocess.run(
+        [sys.executable, str(HERE), *arguments], stdout=subprocess.PIPE, stderr=sys.stderr, text=True, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--small-events", type=int, default=250_000)
+    parser.add_argument("--sizes", default="250000,1000000,4000000", help="events, comma-separated (Spark's Delta)")
+    parser.add_argument("--delta-rs-sizes", default="1000000", help="the sizes also run on delta-rs ('' for none)")
     parser.add_argument("--entities-per-event", type=float, default=0.1, help="entities = events x this")
     parser.add_argument("--sample-entities", type=int, default=20_000, help="entities in the grouping comparison")
     parser.add_argument("--keep", action="store_true", help="keep the generated tables")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument("--child", choices=["prepare", "run", "grouping"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = settings(Path(tempfile.gettempdir()))
-    spark = spark_session(config.spark)
+    if args.child == "prepare":
+        engines = args.engine.split(",")
+        print(json.dumps(prepare(args.folder, args.events, int(args.events * args.entities_per_event), engines)))
+        return
+    if args.child == "run":
+        print(json.dumps(run_job(args.folder, args.engine)))
+        return
+    if args.child == "grouping":
+        print(json.dumps(random_effect_step(args.folder, args.engine, args.sample_entities)))
+        return
+    if args.quick:
+        args.sizes, args.delta_rs_sizes, args.sample_entities = "2000,4000", "2000", 100
+    sizes = sorted(int(size) for size in args.sizes.split(","))
+    delta_rs_sizes = {int(size) for size in args.delta_rs_sizes.split(",") if size}
     work = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
-    report: dict = {"master": config.spark.master, "features": 20}
+    report: dict = {"features": 20, "entities_per_event": args.entities_per_event}
     try:
-        for size in (args.small_events, args.events):
+        for size in sorted(set(sizes) | delta_rs_sizes):
             folder = work / str(size)
-            report[str(size)] = {"prepare": prepare(spark, folder, size, int(size * args.entities_per_event))}
-            report[str(size)] |= run_job(spark, folder)
-            print(json.dumps({str(size): report[str(size)]}), file=sys.stderr)
-        small, large = report[str(args.small_events)], report[str(args.events)]
+            engines = [
+                engine for engine, on in (("spark-delta", size in sizes), ("delta-rs", size in delta_rs_sizes)) if on
+            ]
+            shared = ["--folder", str(folder), "--entities-per-event", str(args.entities_per_event)]
+            report[str(size)] = {
+                "prepare": child("--child", "prepare", *shared, "--events", str(size), "--engine", ",".join(engines))
+            }
+            for engine in engines:
+                report[str(size)][engine] = child("--child", "run", *shared, "--engine", engine)
+            emit(str(size), report[str(size)], sys.stderr)
+            if size == sizes[-1] and args.sample_entities:
+                grouping = child(
+                    "--child",
+                    "grouping",
+                    *shared,
+                    "--engine",
+                    "spark-delta",
+                    "--sample-entities",
+                    str(args.sample_entities),
+                )
+                report["random_effect_step"] = {"events": size, **grouping}
+                emit("random_effect_step", report["random_effect_step"], sys.stderr)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        small, large = report[str(sizes[0])]["spark-delta"], report[str(sizes[-1])]["spark-delta"]
         report["scaling"] = {
-            "data_ratio": args.events / args.small_events,
+            "engine": "spark-delta",
+            "data_ratio": sizes[-1] / sizes[0],
             "time_ratio": large["wall_seconds"] / small["wall_seconds"],
+            "python_peak_rss_ratio": large["python_peak_rss_mb"] / small["python_peak_rss_mb"],
+            "jvm_peak_rss_ratio": large["jvm_peak_rss_mb"] / small["jvm_peak_rss_mb"],
         }
-        report["random_effect_step"] = random_effect_step(spark, work / str(args.events), args.sample_entities)
+        both = [size for size in sizes if size in delta_rs_sizes]
+        report["engines"] = {
+            str(size): {
+                "wall_ratio_delta_rs_over_spark_delta": report[str(size)]["delta-rs"]["wall_seconds"]
+                / report[str(size)]["spark-delta"]["wall_seconds"],
+                "python_peak_rss_mb": {
+                    e: report[str(size)][e]["python_peak_rss_mb"] for e in ("spark-delta", "delta-rs")
+                },
+                "jvm_peak_rss_mb": {e: report[str(size)][e]["jvm_peak_rss_mb"] for e in ("spark-delta", "delta-rs")},
+            }
+            for size in both
+        }
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
