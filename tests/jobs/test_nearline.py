@@ -249,7 +249,8 @@ def _in_progress(store, batch_id: int) -> bool:
 
 def test_a_rollback_rebases_the_live_model_on_the_generation_current_again(spark, tmp_path):
     truth = generate(stream_spec(events=1500, slices=5, seed=5), tmp_path / "stream")
-    config = config_for(tmp_path, "nightly.holdout_hours=1", "nightly.passes=1")
+    # Hour-long files and a half-hour hold-out: each nightly run trains on all but the last batch.
+    config = config_for(tmp_path, "nightly.holdout_hours=0.5", "nightly.passes=1")
     store = open_store(spark, config.storage)
     updater = NearlineUpdater(config)
     files = sorted(truth.landing.glob("part-*"))
@@ -265,7 +266,7 @@ def test_a_rollback_rebases_the_live_model_on_the_generation_current_again(spark
 
     (last,) = store.read("metrics").where("job = 'nearline' AND batch_id = 4").collect()
     assert last.status == "rebased" and last.generation == 1
-    assert last["values"]["replayed_batches"] == 2  # batches 2 and 3, after generation 1's cutoff
+    assert last["values"]["replayed_batches"] == 3  # batches 1 to 3, after generation 1's cutoff (batch 0)
     assert {row.generation for row in store.read("re_state").collect()} == {1}
 
 
