@@ -23,6 +23,21 @@ from udfs.entity_kernels import COEFFICIENT_FIELDS, FAILURES, ROW_FIELDS, UPDATE
 PENALTY, DELTA = 2.0, 0.7
 
 
+def random_prior(rng: np.random.Generator, entity_id: str) -> dict:
+    """A prior over the intercept and a random half of six features."""
+    terms = ["intercept"] + [f"f{j}" for j in range(6) if rng.random() < 0.5]
+    names = ["intercept"] + ["x"] * (len(terms) - 1)
+    return {
+        "entity_id": entity_id,
+        "names": np.array(names, dtype=object),
+        "terms": np.array(terms, dtype=object),
+        "means": rng.normal(0, 0.5, size=len(terms)),
+        "variances": rng.uniform(0.1, 1.0, size=len(terms)),
+        "updates": int(rng.integers(1, 5)),
+        "total_rows": int(rng.integers(10, 100)),
+    }
+
+
 def random_group(seed: int, entities: int = 6, rows_per_entity=(1, 40)):
     """Rows of several entities (shuffled), and priors for some of them over overlapping features."""
     rng = np.random.default_rng(seed)
@@ -47,19 +62,7 @@ def random_group(seed: int, entities: int = 6, rows_per_entity=(1, 40)):
                 }
             )
         if entity % 3 != 2:  # every third entity is new
-            terms = ["intercept"] + [f"f{j}" for j in range(6) if rng.random() < 0.5]
-            names = ["intercept"] + ["x"] * (len(terms) - 1)
-            priors.append(
-                {
-                    "entity_id": entity_id,
-                    "names": np.array(names, dtype=object),
-                    "terms": np.array(terms, dtype=object),
-                    "means": rng.normal(0, 0.5, size=len(terms)),
-                    "variances": rng.uniform(0.1, 1.0, size=len(terms)),
-                    "updates": int(rng.integers(1, 5)),
-                    "total_rows": int(rng.integers(10, 100)),
-                }
-            )
+            priors.append(random_prior(rng, entity_id))
     rows = pd.DataFrame(records).sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return rows, pd.DataFrame(priors, columns=[name for name, _ in COEFFICIENT_FIELDS])
 
@@ -215,19 +218,7 @@ def random_batches(seed: int, task: str = "logistic", entities: int = 9, rows_pe
                     }
                 )
         if entity % 3 != 2:  # every third entity is new
-            terms = ["intercept"] + [f"f{j}" for j in range(6) if rng.random() < 0.5]
-            names = ["intercept"] + ["x"] * (len(terms) - 1)
-            priors.append(
-                {
-                    "entity_id": entity_id,
-                    "names": np.array(names, dtype=object),
-                    "terms": np.array(terms, dtype=object),
-                    "means": rng.normal(0, 0.5, size=len(terms)),
-                    "variances": rng.uniform(0.1, 1.0, size=len(terms)),
-                    "updates": int(rng.integers(1, 5)),
-                    "total_rows": int(rng.integers(10, 100)),
-                }
-            )
+            priors.append(random_prior(rng, entity_id))
     rows = pd.DataFrame(records, columns=[name for name, _ in ROW_FIELDS])
     rows = rows.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return rows, pd.DataFrame(priors, columns=COEFFICIENT_COLUMNS)
