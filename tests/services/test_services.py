@@ -32,7 +32,7 @@ def classic_spark():
     active = SparkContext._active_spark_context
     # getOrCreate would hand back a context started earlier in this process as it is: jars can't be added to it.
     if active is not None and "delta-spark_" not in active.getConf().get("spark.jars", ""):
-        pytest.skip("this process's Spark session was started without jobs.runtime.jvm.spark_jars_conf()")
+        pytest.fail("this process's Spark session was started without jobs.runtime.jvm.spark_jars_conf()")
     builder = SparkSession.builder.master("local[2]").appName("lambda-learner-services-smoke")
     settings = {
         **spark_jars_conf(),
