@@ -41,10 +41,22 @@ def run_stream(spark, config: Config):
 
 
 ENGINES = ["delta-rs", "spark-delta"]
+# Where the killed runs die, one batch after another. On Spark's Delta, whose guarded writes pass the same
+# store contract tests as delta-rs's (tests/jobs/test_tables.py), after the first write a replay must skip
+# and after the last, which makes the replay skip the whole batch.
+KILLS = {
+    "delta-rs": [
+        "nearline:before_writes@1",
+        "nearline:after_events_append@2",
+        "nearline:after_metrics@3",
+        "nearline:after_state_merge@4",
+    ],
+    "spark-delta": ["nearline:after_events_append@2", "nearline:after_state_merge@4"],
+}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path, engine):
+def test_a_job_killed_between_its_writes_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path, engine):
     truth = generate(
         stream_spec(events=1800, slices=6, bad_event_rate=0.05, new_entity_rate=0.03, drift=0.1), tmp_path / "stream"
     )
@@ -54,18 +66,17 @@ def test_a_job_killed_at_every_point_ends_in_the_tables_of_an_uninterrupted_run(
     crashed_config = stream_config(tmp_path / "crashed", truth.landing, backend)
     crashed = write_config(tmp_path / "crashed", crashed_config)
 
-    finished = run_job("jobs.nearline_update", reference)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    for point in (
-        "nearline:before_writes@1",
-        "nearline:after_events_append@2",
-        "nearline:after_metrics@3",
-        "nearline:after_state_merge@4",
-    ):
+    # The uninterrupted run beside the chain of killed ones: much of each process is a JVM starting.
+    finished = []
+    uninterrupted = threading.Thread(target=lambda: finished.append(run_job("jobs.nearline_update", reference)))
+    uninterrupted.start()
+    for point in KILLS[engine]:
         killed = run_job("jobs.nearline_update", crashed, crash_at=point)
         assert killed.returncode == CRASH_EXIT_CODE, (point, killed.stderr[-3000:])
     restarted = run_job("jobs.nearline_update", crashed)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
+    uninterrupted.join()
+    assert finished[0].returncode == 0, finished[0].stderr[-3000:]
 
     expected = open_store(spark, reference_config.storage)
     actual = open_store(spark, crashed_config.storage)

@@ -242,8 +242,7 @@ def test_a_crash_before_or_during_publication_leaves_the_current_generation_inta
     assert not priors.duplicated(["re_type", "entity_id"]).any()
     assert (priors.cutoff_batch_id == report["cutoff_batch_id"]).all()
 
-    again = nightly_process(config_path)
-    assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "already_published"
+    assert run_nightly(spark, store, config).status == "already_published"  # in this process: no JVM to start
     assert store.read("re_priors").where("generation = 2").count() == len(priors)
     # One row for the publication (none from the crashed runs), one for the rerun's outcome.
     rows = store.read("metrics").where("job = 'nightly' AND generation = 2").orderBy("recorded_at").collect()
