@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -67,16 +68,15 @@ def test_a_job_killed_between_its_writes_ends_in_the_tables_of_an_uninterrupted_
     crashed = write_config(tmp_path / "crashed", crashed_config)
 
     # The uninterrupted run beside the chain of killed ones: much of each process is a JVM starting.
-    finished = []
-    uninterrupted = threading.Thread(target=lambda: finished.append(run_job("jobs.nearline_update", reference)))
-    uninterrupted.start()
-    for point in KILLS[engine]:
-        killed = run_job("jobs.nearline_update", crashed, crash_at=point)
-        assert killed.returncode == CRASH_EXIT_CODE, (point, killed.stderr[-3000:])
-    restarted = run_job("jobs.nearline_update", crashed)
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    uninterrupted.join()
-    assert finished[0].returncode == 0, finished[0].stderr[-3000:]
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        uninterrupted = beside.submit(run_job, "jobs.nearline_update", reference)
+        for point in KILLS[engine]:
+            killed = run_job("jobs.nearline_update", crashed, crash_at=point)
+            assert killed.returncode == CRASH_EXIT_CODE, (point, killed.stderr[-3000:])
+        restarted = run_job("jobs.nearline_update", crashed)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        finished = uninterrupted.result()
+    assert finished.returncode == 0, finished.stderr[-3000:]
 
     expected = open_store(spark, reference_config.storage)
     actual = open_store(spark, crashed_config.storage)
