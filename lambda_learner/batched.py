@@ -25,8 +25,10 @@ from lambda_learner.losses import Loss
 from lambda_learner.solver import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, Design, QuadraticPenalty, Rows, minimize
 from lambda_learner.trainers import HessianType
 
-# Largest padded block (entities x rows x coefficients) solved at once.
-_BLOCK_ELEMENTS = 4_000_000
+# Largest padded block (entities x rows x coefficients) solved at once. Small enough that a block's
+# arrays stay in cache from one step of an iteration to the next (a few MB), large enough that the
+# per-call overhead of the vectorised steps is spread over hundreds of entities.
+_BLOCK_ELEMENTS = 350_000
 
 
 @dataclass(frozen=True)
@@ -232,20 +234,27 @@ class _Block:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where every row, feature value and coefficient of a batch goes in the padded blocks."""
+    """Where every row, feature value and coefficient of a batch goes in the padded blocks.
+
+    Everything is indexed so that packing a block costs in proportion to the block, not the batch.
+    """
 
     # Dense input in the global layout: rows are copied whole, no nonzero lists.
     copy_dense_rows: bool
-    row_entity: np.ndarray
-    row_position: np.ndarray
     coefficient_entity: np.ndarray
     coefficient_id: np.ndarray
     coefficient_column: np.ndarray
+    # Entity e's coefficients are coefficient_splits[e]:coefficient_splits[e + 1] (sorted by entity, then id).
+    coefficient_splits: np.ndarray
     coefficient_in_prior: np.ndarray
+    # Per coefficient: its prior mean (0 outside the prior) and variance (NaN outside the prior or unknown).
+    coefficient_prior_mean: np.ndarray
+    coefficient_prior_variance: np.ndarray
     prior_coefficient: np.ndarray
     entity_rows: np.ndarray
     entity_columns: np.ndarray
-    nonzero_row: np.ndarray
+    # Sparse or local layout: the CSR nonzeros of each row, their block column and value.
+    nonzero_splits: np.ndarray
     nonzero_column: np.ndarray
     nonzero_value: np.ndarray
 
@@ -253,20 +262,18 @@ class _Layout:
     def build(cls, batch: EntityBatch, *, global_columns: bool) -> _Layout:
         num_entities, num_features = batch.num_entities, batch.num_features
         entity_rows = np.diff(batch.row_splits)
-        row_entity = np.repeat(np.arange(num_entities), entity_rows)
-        row_position = np.arange(len(row_entity)) - batch.row_splits[row_entity]
         prior_entity = np.repeat(np.arange(num_entities), np.diff(batch.prior_splits))
         prior_keys = prior_entity * num_features + batch.prior_ids
 
         dense_input = not sparse.issparse(batch.features)
         copy_dense_rows = dense_input and global_columns
         if copy_dense_rows:
-            nonzero_row = nonzero_column = nonzero_value = np.zeros(0, dtype=np.int64)
+            nonzero_splits = nonzero_column = nonzero_value = np.zeros(0, dtype=np.int64)
         else:
             matrix = sparse.csr_array(batch.features)
             matrix.sum_duplicates()
-            nonzero_row = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-            nonzero_column, nonzero_value = matrix.indices, matrix.data
+            nonzero_splits, nonzero_column, nonzero_value = matrix.indptr, matrix.indices, matrix.data
+            nonzero_entity = np.repeat(np.arange(num_entities), np.diff(nonzero_splits[batch.row_splits]))
 
         # Every entity's coefficients as keys entity * F + id, sorted: its rows' features and its prior's.
         if global_columns:
@@ -276,36 +283,43 @@ class _Layout:
                 starts = batch.row_splits[:-1][filled]
                 present[filled] = np.logical_or.reduceat(batch.features != 0, starts, axis=0) if len(starts) else False
             else:
-                present[row_entity[nonzero_row], nonzero_column] = True
-            present[prior_entity, batch.prior_ids] = True
+                present[nonzero_entity, nonzero_column] = True
+            present.reshape(-1)[prior_keys] = True
             keys = np.flatnonzero(present)
+            prior_coefficient = (np.cumsum(present.reshape(-1)) - 1)[prior_keys]
         else:
-            row_keys = row_entity[nonzero_row] * num_features + nonzero_column
+            row_keys = nonzero_entity * num_features + nonzero_column
             keys = np.unique(np.concatenate([row_keys, prior_keys]))
+            prior_coefficient = np.searchsorted(keys, prior_keys)
         coefficient_entity, coefficient_id = np.divmod(keys, num_features)
+        coefficient_splits = np.zeros(num_entities + 1, dtype=np.int64)
+        np.cumsum(np.bincount(coefficient_entity, minlength=num_entities), out=coefficient_splits[1:])
         if global_columns:
             coefficient_column = coefficient_id
             entity_columns = np.full(num_entities, num_features)
         else:
-            first = np.searchsorted(coefficient_entity, np.arange(num_entities))
-            coefficient_column = np.arange(len(keys)) - first[coefficient_entity]
-            entity_columns = np.bincount(coefficient_entity, minlength=num_entities)
+            coefficient_column = np.arange(len(keys)) - coefficient_splits[coefficient_entity]
+            entity_columns = np.diff(coefficient_splits)
             nonzero_column = coefficient_column[np.searchsorted(keys, row_keys)]
-        prior_coefficient = np.searchsorted(keys, prior_keys)
         in_prior = np.zeros(len(keys), dtype=bool)
         in_prior[prior_coefficient] = True
+        prior_mean = np.zeros(len(keys))
+        prior_mean[prior_coefficient] = batch.prior_means
+        prior_variance = np.full(len(keys), np.nan)
+        prior_variance[prior_coefficient] = batch.prior_variances
         return cls(
             copy_dense_rows=copy_dense_rows,
-            row_entity=row_entity,
-            row_position=row_position,
             coefficient_entity=coefficient_entity,
             coefficient_id=coefficient_id,
             coefficient_column=coefficient_column,
+            coefficient_splits=coefficient_splits,
             coefficient_in_prior=in_prior,
+            coefficient_prior_mean=prior_mean,
+            coefficient_prior_variance=prior_variance,
             prior_coefficient=prior_coefficient,
             entity_rows=entity_rows,
             entity_columns=entity_columns,
-            nonzero_row=nonzero_row,
+            nonzero_splits=nonzero_splits,
             nonzero_column=nonzero_column,
             nonzero_value=nonzero_value,
         )
@@ -322,9 +336,10 @@ class _Layout:
                 continue
             num_rows = max(1, int(self.entity_rows[group].max()))
             num_columns = max(1, int(self.entity_columns[group].max()))
-            per_block = max(1, _BLOCK_ELEMENTS // (num_rows * num_columns))
-            for start in range(0, len(group), per_block):
-                yield group[start : start + per_block], num_rows, num_columns
+            # Equal blocks: a small remainder block would cost as much Python overhead as a full one.
+            num_blocks = -(-len(group) * num_rows * num_columns // _BLOCK_ELEMENTS)
+            for part in np.array_split(group, num_blocks):
+                yield part, num_rows, num_columns
 
     def pack(
         self,
@@ -336,27 +351,23 @@ class _Layout:
         penalty: float,
         delta: float,
     ) -> _Block:
-        slot_of = np.full(batch.num_entities, -1)
-        slot_of[entities] = np.arange(len(entities))
         size = len(entities)
-        labels, weights, offsets, features = self._pack_rows(batch, entities, slot_of, num_rows, num_columns)
+        labels, weights, offsets, features = self._pack_rows(batch, entities, num_rows, num_columns)
         labels = loss.prepare_labels(labels)
 
-        coefficients = np.flatnonzero(slot_of[self.coefficient_entity] >= 0)
-        coefficient_slots = slot_of[self.coefficient_entity[coefficients]]
+        counts = np.diff(self.coefficient_splits)[entities]
+        coefficients = _ranges(self.coefficient_splits[entities], counts)
+        coefficient_slots = np.repeat(np.arange(size), counts)
         coefficient_columns = self.coefficient_column[coefficients]
+        # Flat positions in the (size, num_columns) block: one-dimensional scatters are the cheap ones.
+        positions = coefficient_slots * num_columns + coefficient_columns
         used = np.zeros((size, num_columns), dtype=bool)
-        used[coefficient_slots, coefficient_columns] = True
-
+        used.reshape(-1)[positions] = True
         prior_mean = np.zeros((size, num_columns))
+        prior_mean.reshape(-1)[positions] = self.coefficient_prior_mean[coefficients]
         prior_precision = np.full((size, num_columns), float(penalty))
-        prior_entries = np.flatnonzero(slot_of[self.coefficient_entity[self.prior_coefficient]] >= 0)
-        prior_targets = self.prior_coefficient[prior_entries]
-        prior_slots = slot_of[self.coefficient_entity[prior_targets]]
-        prior_columns = self.coefficient_column[prior_targets]
-        prior_mean[prior_slots, prior_columns] = batch.prior_means[prior_entries]
-        variances = batch.prior_variances[prior_entries]
-        prior_precision[prior_slots, prior_columns] = np.where(np.isnan(variances), penalty, 1.0 / variances)
+        variances = self.coefficient_prior_variance[coefficients]
+        prior_precision.reshape(-1)[positions] = np.where(np.isnan(variances), penalty, 1.0 / variances)
 
         quadratic = QuadraticPenalty.from_prior(prior_mean, prior_precision, penalty, delta)
         # Columns the entity does not have: unit curvature, no pull; they stay at zero.
@@ -373,13 +384,15 @@ class _Layout:
         )
 
     def _pack_rows(
-        self, batch: EntityBatch, entities: np.ndarray, slot_of: np.ndarray, num_rows: int, num_columns: int
+        self, batch: EntityBatch, entities: np.ndarray, num_rows: int, num_columns: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Labels, weights, offsets ``(E, R)`` and features ``(E, R, D)`` of the block's entities."""
         size = len(entities)
-        if entities[-1] - entities[0] + 1 == size and (self.entity_rows[entities] == num_rows).all():
+        counts = self.entity_rows[entities]
+        first_row = batch.row_splits[entities]
+        if entities[-1] - entities[0] + 1 == size and (counts == num_rows).all():
             # Consecutive entities with the same row count: the flat arrays reshape as they are.
-            rows = slice(batch.row_splits[entities[0]], batch.row_splits[entities[-1] + 1])
+            rows = slice(first_row[0], first_row[0] + size * num_rows)
             shape = (size, num_rows)
             labels, weights, offsets = (
                 batch.labels[rows].reshape(shape),
@@ -392,8 +405,9 @@ class _Layout:
             row_position = np.tile(np.arange(num_rows), size)
             row_range = np.arange(rows.start, rows.stop)
         else:
-            row_range = np.flatnonzero(slot_of[self.row_entity] >= 0)
-            row_slot, row_position = slot_of[self.row_entity[row_range]], self.row_position[row_range]
+            row_range = _ranges(first_row, counts)
+            row_slot = np.repeat(np.arange(size), counts)
+            row_position = row_range - np.repeat(first_row, counts)
             labels, weights, offsets = np.ones((size, num_rows)), np.zeros((size, num_rows)), np.zeros((size, num_rows))
             labels[row_slot, row_position] = batch.labels[row_range]
             weights[row_slot, row_position] = batch.weights[row_range]
@@ -403,11 +417,11 @@ class _Layout:
         if self.copy_dense_rows:
             features[row_slot, row_position, :] = batch.features[row_range]
         else:
-            nonzeros = np.flatnonzero(slot_of[self.row_entity[self.nonzero_row]] >= 0)
-            nonzero_rows = self.nonzero_row[nonzeros]
+            row_nonzeros = np.diff(self.nonzero_splits)[row_range]
+            nonzeros = _ranges(self.nonzero_splits[row_range], row_nonzeros)
             features[
-                slot_of[self.row_entity[nonzero_rows]],
-                self.row_position[nonzero_rows],
+                np.repeat(row_slot, row_nonzeros),
+                np.repeat(row_position, row_nonzeros),
                 self.nonzero_column[nonzeros],
             ] = self.nonzero_value[nonzeros]
         return labels, weights, offsets, features
@@ -441,6 +455,12 @@ class _Layout:
             loss_before=loss_before,
             loss_after=loss_after,
         )
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenated ranges ``starts[i] : starts[i] + counts[i]``."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - ends + counts, counts) + np.arange(ends[-1] if len(ends) else 0)
 
 
 def _size_class(sizes: np.ndarray) -> np.ndarray:

@@ -33,6 +33,11 @@ _LOCAL_DECREMENT = 1e-3
 _COMPACT_BELOW = 0.5
 # Largest coefficient count solved by vectorised substitution; above, LAPACK per matrix.
 _SUBSTITUTION_LIMIT = 48
+# Steps taken before the first Newton step (not for the square loss, whose Newton step is exact):
+# the gradient scaled by the Hessian's diagonal, of the length that minimises the quadratic model
+# along it. They cost a line search each, no Hessian to form and factorise, and from the prior mean
+# they cover most of the way to the optimum: the Newton steps then need one factorisation fewer.
+_DIAGONAL_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,10 @@ class Design:
 
     def __init__(self, features: np.ndarray):
         self.features = features
+        # X scaled by row weights (for every Hessian) and X squared (for every Hessian diagonal):
+        # made once per design, not once per step.
+        self._scaled: np.ndarray | None = None
+        self._squares: np.ndarray | None = None
 
     def margins(self, theta: np.ndarray) -> np.ndarray:
         return np.matmul(self.features, theta[:, :, None])[:, :, 0]
@@ -106,10 +115,12 @@ class Design:
 
     def gram(self, row_weights: np.ndarray) -> np.ndarray:
         """``X' diag(c) X`` per entity."""
-        return np.matmul(self.features.transpose(0, 2, 1), self.features * row_weights[:, :, None])
+        return np.matmul(self.features.transpose(0, 2, 1), self._weighted(row_weights))
 
     def gram_diagonal(self, row_weights: np.ndarray) -> np.ndarray:
-        return np.matmul(row_weights[:, None, :], self.features * self.features)[:, 0, :]
+        if self._squares is None:
+            self._squares = np.square(self.features)
+        return np.matmul(row_weights[:, None, :], self._squares)[:, 0, :]
 
     def hessian(self, row_weights: np.ndarray, penalty: QuadraticPenalty) -> np.ndarray:
         """``X' diag(c) X + A`` per entity, as full matrices."""
@@ -130,6 +141,14 @@ class Design:
     def take(self, index: np.ndarray) -> Design:
         return Design(self.features[index])
 
+    def _weighted(self, row_weights: np.ndarray) -> np.ndarray:
+        return np.multiply(self.features, row_weights[:, :, None], out=self._scratch())
+
+    def _scratch(self) -> np.ndarray:
+        if self._scaled is None:
+            self._scaled = np.empty_like(self.features)
+        return self._scaled
+
 
 class Factor:
     """A factorised stack of symmetric positive definite matrices."""
@@ -144,29 +163,44 @@ class Factor:
 
 def factorize_stack(matrices: np.ndarray) -> Factor:
     if matrices.shape[-1] <= _SUBSTITUTION_LIMIT:
-        return CholeskyFactor(_cholesky_stack(matrices))
+        return CholeskyFactor.of(matrices)
     return MatrixFactor(matrices)
 
 
 @dataclass(frozen=True)
 class CholeskyFactor(Factor):
-    """Lower Cholesky factors; small systems, solved by substitution vectorised over entities."""
+    """``H = L P L'``: unit lower ``L`` and diagonal ``P`` from the Cholesky factors; small systems,
+    solved by substitution vectorised over entities.
 
-    lower: np.ndarray
+    Entity-last, ``unit`` is ``(D, D, E)`` and ``inverse_pivots`` ``(D, E)``: a substitution step is
+    then one multiply and one subtract on contiguous rows.
+    """
+
+    unit: np.ndarray
+    inverse_pivots: np.ndarray
+
+    @classmethod
+    def of(cls, matrices: np.ndarray) -> CholeskyFactor:
+        lower = _cholesky_stack(matrices)
+        inverse_diagonal = 1.0 / np.einsum("edd->ed", lower)
+        lower *= inverse_diagonal[:, None, :]
+        return cls(np.ascontiguousarray(lower.transpose(1, 2, 0)), (inverse_diagonal * inverse_diagonal).T)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
-        lower, solution = self.lower, np.array(rhs, dtype=np.float64, copy=True)
-        size = solution.shape[1]
-        for i in range(size):
-            solution[:, i] /= lower[:, i, i]
-            solution[:, i + 1 :] -= lower[:, i + 1 :, i] * solution[:, i : i + 1]
-        for i in range(size - 1, -1, -1):
-            solution[:, i] /= lower[:, i, i]
-            solution[:, :i] -= lower[:, i, :i] * solution[:, i : i + 1]
-        return solution
+        unit, solution = self.unit, np.array(rhs.T, dtype=np.float64, order="C")
+        product = np.empty_like(solution)
+        size = solution.shape[0]
+        for i in range(size - 1):  # forward: rows below i lose column i of L times row i
+            np.multiply(unit[i + 1 :, i], solution[i], out=product[i + 1 :])
+            solution[i + 1 :] -= product[i + 1 :]
+        solution *= self.inverse_pivots
+        for i in range(size - 1, 0, -1):  # backward: rows above i lose row i of L times row i
+            np.multiply(unit[i, :i], solution[i], out=product[:i])
+            solution[:i] -= product[:i]
+        return solution.T.copy()
 
     def take(self, index: np.ndarray) -> CholeskyFactor:
-        return CholeskyFactor(self.lower[index])
+        return CholeskyFactor(self.unit[:, :, index], self.inverse_pivots[:, index])
 
 
 @dataclass(frozen=True)
@@ -242,9 +276,22 @@ class Solution:
     row_curvature: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Results:
+    """Per entity: where the working sets write what they find."""
+
+    theta: np.ndarray
+    iterations: np.ndarray
+    converged: np.ndarray
+
+
 @dataclass
 class _WorkingSet:
-    """The entities still being solved (``ids``), their slices of the problem and their state."""
+    """The entities still being solved (``ids`` into :class:`_Results`), their slices of the problem and their state.
+
+    ``values``, ``first`` and ``second`` (the objective, and the loss derivatives times the row weights) and
+    ``gradient`` are at ``theta``.
+    """
 
     ids: np.ndarray
     design: Design
@@ -253,17 +300,102 @@ class _WorkingSet:
     theta: np.ndarray
     margins: np.ndarray
     values: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+    gradient: np.ndarray
     running: np.ndarray
-    # Entities whose last step was a small full Newton step, and that step's factorisation.
-    local: np.ndarray
-    factor: Factor | None = None
 
-    def compacted(self, *arrays: np.ndarray) -> tuple[_WorkingSet, tuple[np.ndarray, ...]]:
-        """Drop finished entities once they are most of the set (copying costs less than carrying them)."""
+    @classmethod
+    def start(
+        cls,
+        loss: Loss,
+        design: Design,
+        rows: Rows,
+        penalty: QuadraticPenalty,
+        theta: np.ndarray,
+        ids: np.ndarray,
+    ) -> tuple[_WorkingSet, np.ndarray]:
+        """The working set at ``theta``, and the objective there."""
+        margins = design.margins(theta) + rows.offsets
+        values, first, second = _evaluate(loss, rows, penalty, theta, margins)
+        gradient = design.transpose_times(first) + penalty.gradient(theta)
+        state = (theta.copy(), margins, values.copy(), first, second, gradient, np.ones(len(ids), dtype=bool))
+        return cls(ids, design, rows, penalty, *state), values
+
+    def iterate(self, loss: Loss, tolerance: float, results: _Results, *, newton: bool, last: bool) -> None:
+        """One step with a backtracking line search, Newton's or a diagonal one (see ``_DIAGONAL_STEPS``);
+        then, unless it is the ``last``, a chord step (the same factorisation at the new point) for the
+        entities a Newton step left close to their optimum, which may settle them."""
+        # Convergence and rounding are judged relative to the objective's magnitude.
+        magnitude = np.maximum(1.0, np.abs(self.values))
+        if newton:
+            factor = self.design.factorize(self.second, self.penalty)
+            step = factor.solve(-self.gradient)
+            step_margins = self.design.margins(step)
+            decrement = -np.einsum("ed,ed->e", self.gradient, step)
+        else:
+            factor = None
+            step, step_margins, decrement = self._diagonal_step()
+        # A non-finite step makes a non-finite decrement: the entity cannot be solved.
+        solvable = self.running & np.isfinite(decrement)
+        done = solvable & (decrement <= (2.0 * tolerance) * magnitude) & newton
+
+        # Backtracking: halve each entity's step until its objective falls enough (up to rounding).
+        pending = solvable.copy()
+        scale = np.ones(len(self.ids))
+        allowed = self.values + _ROUNDING * magnitude
+        for _ in range(_MAX_HALVINGS):
+            candidate = self.theta + scale[:, None] * step
+            margins = self.margins + scale[:, None] * step_margins
+            values, first, second = _evaluate(loss, self.rows, self.penalty, candidate, margins)
+            accept = pending & (values <= allowed - _ARMIJO * scale * decrement)
+            self._move(accept, candidate, margins, values, first, second)
+            pending &= ~accept
+            if not pending.any():
+                break
+            scale[pending] *= 0.5
+
+        # A converged entity's final step counts even if rounding refused it; one that found no descent stalls.
+        moved = (solvable & ~pending) | done
+        results.iterations[self.ids[moved]] += 1
+        results.converged[self.ids[done]] = True
+        self.running &= moved & ~done
+        if last or not self.running.any():
+            return
+        self.gradient = self.design.transpose_times(self.first) + self.penalty.gradient(self.theta)
+
+        # After a small full step the Hessian has moved by a few percent at most: the chord step (this
+        # factorisation again) estimates the decrement without forming and factorising a new Hessian.
+        local = self.running & (scale == 1.0) & (decrement <= _LOCAL_DECREMENT)
+        if factor is not None and local.any():
+            chord = factor.solve(-self.gradient)
+            threshold = (2.0 * tolerance) * np.maximum(1.0, np.abs(self.values))
+            settled = local & (-np.einsum("ed,ed->e", self.gradient, chord) <= threshold)
+            self.theta[settled] += chord[settled]
+            results.iterations[self.ids[settled]] += 1
+            results.converged[self.ids[settled]] = True
+            self.running &= ~settled
+
+    def _diagonal_step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The gradient scaled by the Hessian's diagonal, its length minimising the quadratic model along
+        it: step, its margins, and the model decrease times two."""
+        diagonal = self.design.gram_diagonal(self.second) + self.penalty.diagonal()
+        direction = self.gradient * np.divide(-1.0, diagonal, out=np.zeros_like(diagonal), where=diagonal > 0)
+        direction_margins = self.design.margins(direction)
+        slope = -np.einsum("ed,ed->e", self.gradient, direction)
+        curvature = np.einsum("er,er,er->e", self.second, direction_margins, direction_margins)
+        curvature += np.einsum("ed,ed->e", direction, self.penalty.times(direction))
+        length = np.divide(slope, curvature, out=np.zeros_like(slope), where=curvature > 0)
+        return length[:, None] * direction, length[:, None] * direction_margins, length * slope
+
+    def compacted(self, results: _Results) -> _WorkingSet:
+        """Without the finished entities once they are most of the set (copying costs less than carrying
+        them). ``results`` receives the coefficients first, so nothing is lost."""
         if self.running.sum() >= _COMPACT_BELOW * len(self.ids):
-            return self, arrays
+            return self
+        results.theta[self.ids] = self.theta
         keep = np.flatnonzero(self.running)
-        work = _WorkingSet(
+        return _WorkingSet(
             self.ids[keep],
             self.design.take(keep),
             self.rows.take(keep),
@@ -271,11 +403,28 @@ class _WorkingSet:
             self.theta[keep],
             self.margins[keep],
             self.values[keep],
+            self.first[keep],
+            self.second[keep],
+            self.gradient[keep],
             self.running[keep],
-            self.local[keep],
-            None if self.factor is None else self.factor.take(keep),
         )
-        return work, tuple(array[keep] for array in arrays)
+
+    def _move(
+        self,
+        accepted: np.ndarray,
+        theta: np.ndarray,
+        margins: np.ndarray,
+        values: np.ndarray,
+        first: np.ndarray,
+        second: np.ndarray,
+    ) -> None:
+        """Move the accepted entities to their candidate point (in place: no gathered copies)."""
+        rows = accepted[:, None]
+        np.copyto(self.theta, theta, where=rows)
+        np.copyto(self.margins, margins, where=rows)
+        np.copyto(self.first, first, where=rows)
+        np.copyto(self.second, second, where=rows)
+        np.copyto(self.values, values, where=accepted)
 
 
 def minimize(
@@ -295,85 +444,28 @@ def minimize(
     ``max(1, |objective|)``; its final step is then taken in full. After a small full
     step the decrement is first estimated with the previous factorisation (a chord
     step), which saves forming and factorising a new Hessian for the entities it settles.
+    For the logistic loss the first steps are diagonal ones (see ``_DIAGONAL_STEPS``).
     """
     if tolerance <= 0:
         raise ValueError(f"tolerance must be positive, got {tolerance}")
     theta = np.array(theta, dtype=np.float64, copy=True)
     num_entities = theta.shape[0]
-    iterations = np.zeros(num_entities, dtype=np.int64)
-    converged = np.zeros(num_entities, dtype=bool)
-    margins = design.margins(theta) + rows.offsets
-    initial_value = _objective(loss, rows, penalty, theta, margins)
-    work = _WorkingSet(
-        ids=np.arange(num_entities),
-        design=design,
-        rows=rows,
-        penalty=penalty,
-        theta=theta.copy(),
-        margins=margins,
-        values=initial_value.copy(),
-        running=np.ones(num_entities, dtype=bool),
-        local=np.zeros(num_entities, dtype=bool),
-    )
-
-    for _ in range(max_iterations):
-        first, second = loss.derivatives(work.margins, work.rows.labels)
-        gradient = work.design.transpose_times(work.rows.weights * first) + work.penalty.gradient(work.theta)
-        threshold = 2.0 * tolerance * np.maximum(1.0, np.abs(work.values))
-
-        if work.factor is not None and (work.local & work.running).any():
-            chord = work.factor.solve(-gradient)
-            settled = work.local & work.running & (-np.einsum("ed,ed->e", gradient, chord) <= threshold)
-            work.theta[settled] += chord[settled]
-            iterations[work.ids[settled]] += 1
-            converged[work.ids[settled]] = True
-            theta[work.ids[settled]] = work.theta[settled]
-            work.running &= ~settled
-            if not work.running.any():
-                break
-            work, (gradient, second, threshold) = work.compacted(gradient, second, threshold)
-
-        work.factor = work.design.factorize(work.rows.weights * second, work.penalty)
-        step = work.factor.solve(-gradient)
-        decrement = -np.einsum("ed,ed->e", gradient, step)
-        broken = work.running & ~(np.isfinite(decrement) & np.isfinite(step).all(axis=1))
-        done = work.running & ~broken & (decrement <= threshold)
-
-        # Backtracking: halve each entity's step until its objective falls enough (up to rounding).
-        pending = work.running & ~broken
-        scale = np.ones(len(work.ids))
-        slack = _ROUNDING * np.maximum(1.0, np.abs(work.values))
-        for _ in range(_MAX_HALVINGS):
-            candidate = work.theta + scale[:, None] * step
-            candidate_margins = work.design.margins(candidate) + work.rows.offsets
-            candidate_values = _objective(loss, work.rows, work.penalty, candidate, candidate_margins)
-            accept = pending & (candidate_values <= work.values - _ARMIJO * scale * decrement + slack)
-            work.theta[accept] = candidate[accept]
-            work.margins[accept] = candidate_margins[accept]
-            work.values[accept] = candidate_values[accept]
-            pending &= ~accept
-            if not pending.any():
-                break
-            scale[pending] *= 0.5
-        stalled = pending & ~done
-
-        moved = work.running & ~broken & ~stalled
-        iterations[work.ids[moved]] += 1
-        converged[work.ids[done]] = True
-        theta[work.ids[moved]] = work.theta[moved]
-        work.local = moved & (scale == 1.0) & (decrement <= _LOCAL_DECREMENT)
-        work.running &= ~(done | broken | stalled)
+    results = _Results(theta, np.zeros(num_entities, dtype=np.int64), np.zeros(num_entities, dtype=bool))
+    work, initial_value = _WorkingSet.start(loss, design, rows, penalty, theta, np.arange(num_entities))
+    for iteration in range(max_iterations):
         if not work.running.any():
             break
-        work, _ = work.compacted()
+        newton = loss is Loss.SQUARE or iteration >= _DIAGONAL_STEPS
+        work.iterate(loss, tolerance, results, newton=newton, last=iteration == max_iterations - 1)
+        work = work.compacted(results)
+    theta[work.ids] = work.theta
 
     margins = design.margins(theta) + rows.offsets
-    first, second = loss.derivatives(margins, rows.labels)
-    gradient = design.transpose_times(rows.weights * first) + penalty.gradient(theta)
-    value = _objective(loss, rows, penalty, theta, margins)
+    value, first, second = _evaluate(loss, rows, penalty, theta, margins)
+    gradient = design.transpose_times(first) + penalty.gradient(theta)
     gradient_norm = np.abs(gradient).max(axis=1, initial=0.0)
-    converged &= np.isfinite(value) & np.isfinite(theta).all(axis=1)
-    return Solution(theta, value, initial_value, gradient_norm, iterations, converged, rows.weights * second)
+    converged = results.converged & np.isfinite(value) & np.isfinite(theta).all(axis=1)
+    return Solution(theta, value, initial_value, gradient_norm, results.iterations, converged, second)
 
 
 def objective_value(loss: Loss, design: Design, rows: Rows, penalty: QuadraticPenalty, theta: np.ndarray) -> np.ndarray:
@@ -392,3 +484,14 @@ def objective_gradient(
 def _objective(loss: Loss, rows: Rows, penalty: QuadraticPenalty, theta: np.ndarray, margins: np.ndarray) -> np.ndarray:
     data_term = np.einsum("er,er->e", rows.weights, loss.value(margins, rows.labels))
     return data_term + penalty.value(theta)
+
+
+def _evaluate(
+    loss: Loss, rows: Rows, penalty: QuadraticPenalty, theta: np.ndarray, margins: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The objective per entity, and the loss derivatives per row times the row weights, at ``theta``
+    (whose margins are given)."""
+    row_values, first, second = loss.evaluate(margins, rows.labels)
+    first *= rows.weights
+    second *= rows.weights
+    return np.einsum("er,er->e", rows.weights, row_values) + penalty.value(theta), first, second
