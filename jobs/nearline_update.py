@@ -33,6 +33,7 @@ from jobs.game.incremental import Update, apply_events, priors_as_state, upserte
 from jobs.runtime.cli import Job, job_parser, run_job
 from jobs.runtime.errors import ConfigError
 from jobs.runtime.faults import crash_point
+from jobs.runtime.session import is_connect
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
 from jobs.storage.delta_rs import DeltaRsStore
@@ -40,7 +41,7 @@ from jobs.storage.ingest import ingest_batch
 from jobs.storage.parsing import typed_raw_schema
 from jobs.storage.schemas import RE_STATE, create_tables, metrics_row
 from jobs.storage.store import TableStore, open_store
-from jobs.streaming.runner import StoppableBatches, is_connect, run_until_stopped, start
+from jobs.streaming.runner import StoppableBatches, run_until_stopped, start
 from jobs.streaming.sequence import DIRECT, BatchSequence
 from jobs.streaming.source import read_stream
 
@@ -66,6 +67,8 @@ class NearlineUpdater:
             config.nearline.app_id, LEDGER, LAST_WRITE, config.stream.checkpoint, stream_id=stream_id
         )
         self._created = False
+        # The current generation as of a version of the fixed_effect table: read again when the table changes.
+        self._generation: tuple[int, Generation | None] | None = None
         self._newest_event: datetime | None = None
         self._retained_before: date | None = None
 
@@ -94,7 +97,7 @@ class NearlineUpdater:
         crash_point("nearline:before_writes", batch_id)
         with timed("ingest", seconds):
             ingested = ingest_batch(store, config, raw, batch_id, ticket.guard(app_id), ticket.ingested)
-        generation = current_generation(store, config.model)
+        generation = self._current_generation(store)
         based_on = state_generation(store, app_id)
         # A new generation, or an older one current again after a rollback.
         rebase = generation is not None and generation.number != based_on
@@ -106,8 +109,11 @@ class NearlineUpdater:
                 number = None
                 if generation is not None:
                     fixed_effect, number = generation.fixed_effect, generation.number
-                state = batch_state(store, config, ingested.events)
-                update = apply_events(ingested.events, state, config, fixed_effect, number, batch_id)
+                on_driver = on_the_driver(config, ingested.valid)
+                state = batch_state(store, config, ingested.events, materialised=not on_driver)
+                update = apply_events(
+                    ingested.events, state, config, fixed_effect, number, batch_id, on_driver=on_driver
+                )
         values = {
             "rows_in": float(ingested.valid + ingested.quarantined),
             "rows_valid": float(ingested.valid),
@@ -142,6 +148,12 @@ class NearlineUpdater:
             sum(seconds.values()),
         )
         return values
+
+    def _current_generation(self, store: TableStore) -> Generation | None:
+        version = store.version("fixed_effect")
+        if self._generation is None or self._generation[0] != version:
+            self._generation = (version, current_generation(store, self.config.model))
+        return self._generation[1]
 
     def _retain(self, store: TableStore, newest: datetime | None) -> None:
         """Drop the event-date partitions older than ``events.retention_days`` before the newest event seen.
@@ -211,11 +223,19 @@ def _check_state_size(store: TableStore, config: Config) -> None:
         )
 
 
-def batch_state(store: TableStore, config: Config, events: DataFrame) -> DataFrame:
-    """The live state of the entities ``events`` touch, every type's, read in one scan and kept.
+def on_the_driver(config: Config, valid_events: int) -> bool:
+    """Whether a batch of this many valid events is updated on the driver (``nearline.driver_max_rows``).
+
+    Not with one entity per call: that setting is the per-call baseline of the executors' path.
+    """
+    return config.nearline.buckets is not None and valid_events <= config.nearline.driver_max_rows
+
+
+def batch_state(store: TableStore, config: Config, events: DataFrame, *, materialised: bool = True) -> DataFrame:
+    """The live state of the entities ``events`` touch, every type's, read in one scan (and kept, if ``materialised``).
 
     The state grows with every entity ever seen; a batch touches a few thousand: everything after
-    this reads those only.
+    this reads those only. A frame read once (the driver's path collects it) need not be kept.
     """
     keys = None
     for random_effect in config.model.random_effects:
@@ -226,7 +246,9 @@ def batch_state(store: TableStore, config: Config, events: DataFrame) -> DataFra
     state = store.read(LAST_WRITE)
     if keys is None:
         return state.limit(0)
-    return state.join(F.broadcast(keys.distinct()), ["re_type", "entity_id"], "left_semi").localCheckpoint(eager=True)
+    # A semi-join keeps each state row once however often its key repeats: no distinct (and no shuffle) needed.
+    touched = state.join(F.broadcast(keys), ["re_type", "entity_id"], "left_semi")
+    return touched.localCheckpoint(eager=True) if materialised else touched
 
 
 def state_generation(store: TableStore, app_id: str) -> int | None:

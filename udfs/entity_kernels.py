@@ -11,6 +11,7 @@ parallel arrays (``names``, ``terms``, ``values``), coefficients likewise (``nam
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -539,6 +540,99 @@ class ScoreKernel:
             **sampling,
         )
         return pd.DataFrame({"row_key": rows["row_key"].to_numpy(), "entity_id": entity_ids, "score": scores})
+
+
+def cogrouped_on_driver(
+    rows: pd.DataFrame, coefficients: pd.DataFrame, key: str, kernel: UpdateKernel | ScoreKernel
+) -> pd.DataFrame:
+    """What ``rows.groupBy(key).cogroup(coefficients.groupBy(key)).applyInPandas(kernel)`` returns, on the driver.
+
+    The same groups get the same calls (a kernel sorts its group's rows itself, so the order rows
+    arrive in changes nothing): the same result, bit for bit, without a Spark job. Groups with
+    coefficients but no rows give nothing, as they give the kernels nothing.
+    """
+    fields = UPDATE_FIELDS if isinstance(kernel, UpdateKernel) else SCORE_FIELDS
+    by_group = dict(tuple(coefficients.groupby(key, sort=False))) if len(coefficients) else {}
+    empty = coefficients.iloc[0:0]
+    parts = [
+        kernel(group.reset_index(drop=True), by_group.get(value, empty).reset_index(drop=True))
+        for value, group in rows.groupby(key, sort=True)
+    ]
+    parts = [part for part in parts if len(part)]
+    return pd.concat(parts, ignore_index=True) if parts else _empty(fields)
+
+
+@dataclass(frozen=True)
+class DriverCoordinate:
+    """A random-effect type as the driver's update sees it: its name (a ``type_column`` value), score column, kernel."""
+
+    name: str
+    score_column: str
+    kernel: UpdateKernel
+
+
+def updated_on_driver(
+    rows: pd.DataFrame,
+    coefficients: pd.DataFrame,
+    coordinates: list[DriverCoordinate],
+    offset_for: Callable[[str, Callable[[str], np.ndarray]], np.ndarray],
+    *,
+    type_column: str,
+    key: str,
+    fixed_column: str,
+) -> list[pd.DataFrame]:
+    """Each type's updated entities (``UPDATE_FIELDS``), type after type, as the executors' cogroups give them.
+
+    ``rows``: every type's kernel rows (``ROW_FIELDS``, their ``offset`` the fixed effect's score alone)
+    and ``coefficients`` (``COEFFICIENT_FIELDS``), tagged with their type and group ``key``. Type k's
+    offset is ``offset_for(score column, column by name)``: the fixed effect's score, each earlier type's
+    score of the row right after its update, each later type's before any update (the first type's is
+    never an offset); a row without an entity of a type counts 0 for it, as Spark's ``fillna`` does.
+    """
+    rows_of, coefficients_of = {}, {}
+    for coordinate in coordinates:
+        own = rows[rows[type_column] == coordinate.name].drop(columns=type_column).reset_index(drop=True)
+        theirs = coefficients[coefficients[type_column] == coordinate.name].drop(columns=type_column)
+        rows_of[coordinate.name] = own
+        coefficients_of[coordinate.name] = theirs[theirs["entity_id"].isin(own["entity_id"])]
+    scores: dict[str, pd.Series] = {}
+    for coordinate in coordinates[1:]:
+        scored = cogrouped_on_driver(rows_of[coordinate.name], coefficients_of[coordinate.name], key, ScoreKernel())
+        scores[coordinate.score_column] = pd.Series(scored["score"].to_numpy(), index=scored["row_key"].to_numpy())
+    updated_by_type = []
+    for coordinate in coordinates:
+        own = rows_of[coordinate.name]
+        keys = own["row_key"].to_numpy()
+
+        def column(name: str, own: pd.DataFrame = own, keys: np.ndarray = keys) -> np.ndarray:
+            if name == fixed_column:
+                return own["offset"].to_numpy()
+            if name not in scores:
+                return np.zeros(len(keys))
+            return scores[name].reindex(keys).fillna(0.0).to_numpy()
+
+        own = own.assign(offset=offset_for(coordinate.score_column, column))
+        updated = cogrouped_on_driver(own, coefficients_of[coordinate.name], key, coordinate.kernel)
+        after = pd.Series(
+            np.concatenate([np.zeros(0), *updated["row_scores"]]),
+            index=np.concatenate([np.zeros(0, dtype=np.int64), *updated["row_keys"]]),
+        )
+        scores[coordinate.score_column] = after
+        updated_by_type.append(updated)
+    return updated_by_type
+
+
+def update_totals(updated: pd.DataFrame, reasons: list[str]) -> dict[str, float]:
+    """Sums over updated entities (``UPDATE_FIELDS``): the figures a nearline batch reports per type."""
+    return {
+        "entities": len(updated),
+        "new": int((~updated["had_prior"].astype(bool)).sum()),
+        "failed": int((updated["batches"] - updated["converged_batches"]).sum()),
+        "loss_before": float(updated["loss_before"].sum()),
+        "loss_after": float(updated["loss_after"].sum()),
+        "rows": int(updated["rows"].sum()),
+        **{reason: int((updated["failure"] == reason).sum()) for reason in reasons},
+    }
 
 
 class _Vocabulary:

@@ -5,7 +5,9 @@ Frames to score carry the events-table columns and a ``row_key`` (unique per row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -35,9 +37,13 @@ class Coordinates:
     def score_columns(self) -> list[str]:
         return [self.fixed_effect.score_column, *[r.score_column for r in self.random_effects]]
 
-    def offset_for(self, coordinate: str) -> Column:
-        """The sum of every other coordinate's score column: the offset that coordinate is fitted with."""
-        others = [F.col(column) for column in self.score_columns if column != coordinate]
+    def offset_for(self, coordinate: str, column: Callable[[str], Any] = F.col) -> Any:
+        """The sum of every other coordinate's score column: the offset that coordinate is fitted with.
+
+        ``column`` gives a score column by name: a Spark column by default, or numpy arrays of the same
+        rows, summed in the same order (so the same doubles come out).
+        """
+        others = [column(name) for name in self.score_columns if name != coordinate]
         return sum(others[1:], others[0]) if others else F.lit(0.0)
 
 

@@ -78,8 +78,12 @@ class RandomEffect:
         ``in_batches``: the rows span several micro-batches (their ``batch_id``), applied one after the
         other in batch order, each with the previous one's posterior as prior, all in one pass.
         """
-        kernel = UpdateKernel(self.task, self.config.penalty, self.config.delta, self.config.max_rows_per_entity)
-        return self.updated(self.rows(frame, offset, in_batches=in_batches), current, kernel)
+        return self.updated(self.rows(frame, offset, in_batches=in_batches), current, self.update_kernel)
+
+    @property
+    def update_kernel(self) -> UpdateKernel:
+        """The nearline update's kernel: the sequential Bayesian update with the type's ``delta``."""
+        return UpdateKernel(self.task, self.config.penalty, self.config.delta, self.config.max_rows_per_entity)
 
     def with_score(
         self,
@@ -151,11 +155,14 @@ class RandomEffect:
         ranked = grouped.withColumn("_rank", F.row_number().over(order))
         return ranked.where(F.col("_rank") <= self.config.max_rows_per_entity).drop("_rank")
 
+    def grouped(self, frame: DataFrame) -> DataFrame:
+        """``frame`` (rows or coefficients, by ``entity_id``) with the group key its entities are solved in."""
+        return (
+            frame if GROUP in frame.columns else frame.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets))
+        )
+
     def _cogrouped(self, rows: DataFrame, coefficients: DataFrame):
-        if GROUP not in rows.columns:
-            rows = rows.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets))
-        coefficients = coefficients.withColumn(GROUP, entity_group(F.col("entity_id"), self.buckets))
-        return rows.groupBy(GROUP).cogroup(coefficients.groupBy(GROUP))
+        return self.grouped(rows).groupBy(GROUP).cogroup(self.grouped(coefficients).groupBy(GROUP))
 
 
 def entity_group(entity: Column, buckets: int | None) -> Column:
@@ -173,12 +180,18 @@ def coefficient_arrays(table: DataFrame | None, rows: DataFrame) -> DataFrame:
     """
     if table is None:
         table = rows.sparkSession.createDataFrame([], f"entity_id string, coefficients {COEFFICIENTS.simpleString()}")
+    needed = coefficient_projection(table).join(rows.select("entity_id").distinct(), "entity_id", "left_semi")
+    return needed.select(*[name for name, _ in COEFFICIENT_FIELDS])
+
+
+def coefficient_projection(table: DataFrame) -> DataFrame:
+    """Every entity of ``table`` (``entity_id, coefficients[, updates, rows]``) as ``COEFFICIENT_FIELDS``."""
     coefficients = F.coalesce(F.col("coefficients"), F.array().cast(COEFFICIENTS))
 
     def count(column: str) -> Column:
         return F.coalesce(F.col(column), F.lit(0)).cast("long") if column in table.columns else F.lit(0).cast("long")
 
-    arrays = table.select(
+    return table.select(
         F.col("entity_id"),
         coefficients.getField("name").alias("names"),
         coefficients.getField("term").alias("terms"),
@@ -187,8 +200,6 @@ def coefficient_arrays(table: DataFrame | None, rows: DataFrame) -> DataFrame:
         count("updates").alias("updates"),
         count("rows").alias("total_rows"),
     )
-    needed = arrays.join(rows.select("entity_id").distinct(), "entity_id", "left_semi")
-    return needed.select(*[name for name, _ in COEFFICIENT_FIELDS])
 
 
 def updated_scores(updated: DataFrame) -> DataFrame:

@@ -160,6 +160,9 @@ class EntityGrouping:
 @dataclass(frozen=True)
 class NearlineConfig(EntityGrouping):
     app_id: str = "lambda-learner-nearline"
+    # A batch of at most this many valid events is updated on the driver (the same kernels, the same groups):
+    # below it, Spark's per-job cost is most of a batch's time. 0: always on the executors.
+    driver_max_rows: int = _checked(20_000, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

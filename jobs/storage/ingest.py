@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
-from jobs.storage.parsing import classify_events, split_events
+from jobs.storage.parsing import ClassifiedEvents, classify_events, split_events
 from jobs.storage.store import Guard, TableStore
 
 # What a guarded events append records about its batch (the nightly job reads it back from the history).
@@ -48,8 +48,7 @@ def ingest_batch(
     """
     guard = guard or Guard(config.nearline.app_id, batch_id)
     ingested = ingested or datetime.now(UTC)
-    classified = classify_events(raw, config.model, config.events, ingested)
-    classified = _seen_before(store, config, classified, batch_id)
+    classified = _seen_before(store, config, classify_events(raw, config.model, config.events, ingested), batch_id)
     parsed = split_events(classified, config.model, batch_id)
     totals = classified.agg(
         F.count("*").alias("all"),
@@ -64,20 +63,23 @@ def ingest_batch(
     return Ingested(parsed.valid, totals.valid, totals.all - totals.valid, totals.first, totals.last)
 
 
-def _seen_before(store: TableStore, config: Config, classified: DataFrame, batch_id: int) -> DataFrame:
+def _seen_before(store: TableStore, config: Config, classified: ClassifiedEvents, batch_id: int) -> DataFrame:
     """Valid events whose id an earlier batch ingested within the lookback, marked as duplicates of that batch."""
-    earliest = classified.where(F.col("reason").isNull()).agg(F.min("event_time")).first()[0]
-    if earliest is None:
-        return classified
+    if classified.earliest_valid is None:
+        return classified.frame
     lookback = config.events.duplicate_lookback_days
     days = config.nightly.window_days if lookback is None else lookback
-    since = (earliest - timedelta(days=days)).date().isoformat()
+    since = (classified.earliest_valid - timedelta(days=days)).date().isoformat()
     # This batch's own rows (written before a crash, if any) are not earlier ones.
     earlier = store.read("events", where=f"event_date >= '{since}' AND batch_id <> {int(batch_id)}")
+    # Only this batch's ids are looked up: the lookback's events are scanned, not aggregated.
+    ids = classified.frame.where(F.col("reason").isNull()).select("event_id")
+    earlier = earlier.select("event_id", "batch_id").join(F.broadcast(ids), "event_id", "left_semi")
     first = earlier.groupBy("event_id").agg(F.min("batch_id").alias("_first_batch"))
     repeated = F.col("reason").isNull() & F.col("_first_batch").isNotNull()
     reason = F.when(repeated, F.concat(F.lit("duplicate_event_id:batch "), F.col("_first_batch").cast("string")))
-    marked = classified.join(first, "event_id", "left")
+    # Broadcast: a batch's repeated ids are few, and the batch keeps its partitioning (one, if small).
+    marked = classified.frame.join(F.broadcast(first), "event_id", "left")
     return (
         marked.withColumn("reason", reason.otherwise(F.col("reason"))).drop("_first_batch").localCheckpoint(eager=True)
     )

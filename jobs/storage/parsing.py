@@ -15,6 +15,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType, TimestampType
 
+from jobs.runtime.session import kept
 from jobs.runtime.settings import EventsConfig, ModelConfig
 from jobs.storage.schemas import FEATURES, bag_column, events_schema, feature_bags
 
@@ -28,6 +29,14 @@ class ParsedEvents:
 
     valid: DataFrame
     rejected: DataFrame
+
+
+@dataclass(frozen=True)
+class ClassifiedEvents:
+    """A batch's events with their ``reason`` (materialised), and the earliest event time of the valid ones."""
+
+    frame: DataFrame
+    earliest_valid: datetime | None
 
 
 def raw_schema(model: ModelConfig) -> StructType:
@@ -60,25 +69,28 @@ def parse_events(
     ``ingested`` is when the batch was first ingested: event times are judged against it (the same
     time for a replay of the batch, so a replay judges every event the same way).
     """
-    return split_events(classify_events(raw, model, rules, ingested), model, batch_id)
+    return split_events(classify_events(raw, model, rules, ingested).frame, model, batch_id)
 
 
-def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ingested: datetime) -> DataFrame:
+def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ingested: datetime) -> ClassifiedEvents:
     """Every raw event with its parsed fields and ``reason`` (null when valid), materialised: parsing, done once."""
     text = raw.columns == [TEXT_COLUMN]
     candidates = _from_text(raw, model) if text else _from_columns(raw, model)
-    candidates = candidates.withColumn("reason", _reason(model, rules, ingested)).localCheckpoint(eager=True)
+    candidates = kept(candidates.withColumn("reason", _reason(model, rules, ingested)))
     valid = candidates.where(F.col("reason").isNull())
-    counts = valid.agg(F.count("*").alias("events"), F.countDistinct("event_id").alias("ids")).first()
+    counts = valid.agg(
+        F.count("*").alias("events"), F.countDistinct("event_id").alias("ids"), F.min("event_time").alias("earliest")
+    ).first()
     if counts.events == counts.ids:
-        return candidates  # the usual batch: no repeated id, no sort needed
+        return ClassifiedEvents(candidates, counts.earliest)  # the usual batch: no repeated id, no sort needed
     # Among otherwise valid events sharing an id, the earliest is the original (ties: by a hash of the payload).
     first_occurrence = Window.partitionBy("event_id", F.col("reason").isNull()).orderBy(
         F.col("event_time").asc_nulls_last(), F.col("_order")
     )
     duplicate = F.col("reason").isNull() & (F.row_number().over(first_occurrence) > 1)
     marked = candidates.withColumn("reason", F.when(duplicate, F.lit("duplicate_event_id")).otherwise(F.col("reason")))
-    return marked.localCheckpoint(eager=True)
+    # The earliest copy of an id stays valid: the earliest valid time is the same.
+    return ClassifiedEvents(marked.localCheckpoint(eager=True), counts.earliest)
 
 
 def split_events(candidates: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEvents:
