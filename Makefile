@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[spark,replay,test]"
+	$(BIN)/pip install --quiet -e ".[spark,replay,test,dist]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,8 +25,9 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers, a test file each at a time (module fixtures stay in one worker); the slowest tests at the end.
 test: lint jars
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile --durations=25
 
 demo: venv jars
 	$(BIN)/python -m jobs.demo --out var/demo
@@ -36,7 +37,6 @@ bench: venv
 
 # The wheel, the --py-files zip and the executors' packed environment (docs/deploy.md).
 dist: venv
-	$(BIN)/pip install --quiet -e ".[dist]"
 	$(BIN)/python scripts/build_dist.py
 
 clean:
