@@ -25,9 +25,9 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two workers, a test file each at a time (module fixtures stay in one worker); the slowest tests at the end.
+# The slowest tests at the end of every run, so each CI log shows where the time goes.
 test: lint jars
-	$(BIN)/pytest -n 2 --dist loadfile --durations=25
+	$(BIN)/pytest --durations=25
 
 demo: venv jars
 	$(BIN)/python -m jobs.demo --out var/demo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql.utils import is_remote
 
 from jobs.runtime.jvm import DELTA_CONF, spark_jars_conf
@@ -67,16 +67,3 @@ def delta_available(spark: SparkSession) -> bool:
 def is_connect(spark: SparkSession) -> bool:
     """Whether ``spark`` is a Spark Connect session (Databricks standard access mode, serverless, ``spark.remote``)."""
     return is_remote() or type(spark).__module__.startswith("pyspark.sql.connect.")
-
-
-def kept(frame: DataFrame) -> DataFrame:
-    """``frame`` computed now and kept (a local checkpoint), in one partition if it is computed in one.
-
-    A small batch (a small file, a few Kafka records) is one partition; kept as a frame that says so,
-    the aggregates, windows and joins on it need no shuffle, each of which would cost a Spark job. Only
-    for frames computed without a shuffle (their partitions are known without running anything); on
-    Spark Connect, where partitions are not visible, the frame is kept as it is.
-    """
-    if not is_connect(frame.sparkSession) and frame.rdd.getNumPartitions() == 1:
-        frame = frame.coalesce(1)
-    return frame.localCheckpoint(eager=True)

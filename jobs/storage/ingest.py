@@ -78,7 +78,7 @@ def _seen_before(store: TableStore, config: Config, classified: ClassifiedEvents
     first = earlier.groupBy("event_id").agg(F.min("batch_id").alias("_first_batch"))
     repeated = F.col("reason").isNull() & F.col("_first_batch").isNotNull()
     reason = F.when(repeated, F.concat(F.lit("duplicate_event_id:batch "), F.col("_first_batch").cast("string")))
-    # Broadcast: a batch's repeated ids are few, and the batch keeps its partitioning (one, if small).
+    # Broadcast: a batch's repeated ids are few.
     marked = classified.frame.join(F.broadcast(first), "event_id", "left")
     return (
         marked.withColumn("reason", reason.otherwise(F.col("reason"))).drop("_first_batch").localCheckpoint(eager=True)

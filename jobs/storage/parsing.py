@@ -15,7 +15,6 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType, TimestampType
 
-from jobs.runtime.session import kept
 from jobs.runtime.settings import EventsConfig, ModelConfig
 from jobs.storage.schemas import FEATURES, bag_column, events_schema, feature_bags
 
@@ -76,7 +75,7 @@ def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ing
     """Every raw event with its parsed fields and ``reason`` (null when valid), materialised: parsing, done once."""
     text = raw.columns == [TEXT_COLUMN]
     candidates = _from_text(raw, model) if text else _from_columns(raw, model)
-    candidates = kept(candidates.withColumn("reason", _reason(model, rules, ingested)))
+    candidates = candidates.withColumn("reason", _reason(model, rules, ingested)).localCheckpoint(eager=True)
     valid = candidates.where(F.col("reason").isNull())
     counts = valid.agg(
         F.count("*").alias("events"), F.countDistinct("event_id").alias("ids"), F.min("event_time").alias("earliest")
