@@ -228,7 +228,8 @@ def on_the_driver(config: Config, valid_events: int) -> bool:
 
     Not with one entity per call: that setting is the per-call baseline of the executors' path.
     """
-    return config.nearline.buckets is not None and valid_events <= config.nearline.driver_max_rows
+    small = valid_events <= config.nearline.driver_max_rows
+    return small and config.nearline.buckets is not None and bool(config.model.random_effects)
 
 
 def batch_state(store: TableStore, config: Config, events: DataFrame, *, materialised: bool = True) -> DataFrame:
