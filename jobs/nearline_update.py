@@ -33,7 +33,6 @@ from jobs.game.incremental import Update, apply_events, priors_as_state, upserte
 from jobs.runtime.cli import Job, job_parser, run_job
 from jobs.runtime.errors import ConfigError
 from jobs.runtime.faults import crash_point
-from jobs.runtime.session import is_connect
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
 from jobs.storage.delta_rs import DeltaRsStore
@@ -41,7 +40,7 @@ from jobs.storage.ingest import ingest_batch
 from jobs.storage.parsing import typed_raw_schema
 from jobs.storage.schemas import RE_STATE, create_tables, metrics_row
 from jobs.storage.store import TableStore, open_store
-from jobs.streaming.runner import StoppableBatches, run_until_stopped, start
+from jobs.streaming.runner import StoppableBatches, is_connect, run_until_stopped, start
 from jobs.streaming.sequence import DIRECT, BatchSequence
 from jobs.streaming.source import read_stream
 

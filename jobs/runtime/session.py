@@ -6,7 +6,6 @@ import os
 import sys
 
 from pyspark.sql import SparkSession
-from pyspark.sql.utils import is_remote
 
 from jobs.runtime.jvm import DELTA_CONF, spark_jars_conf
 from jobs.runtime.settings import SparkConfig
@@ -62,8 +61,3 @@ def delta_available(spark: SparkSession) -> bool:
     """Whether the session has Spark's own Delta Lake: its SQL extension configured, or Databricks Runtime."""
     extensions = spark.conf.get("spark.sql.extensions", "") or ""
     return DELTA_CONF["spark.sql.extensions"] in extensions or "DATABRICKS_RUNTIME_VERSION" in os.environ
-
-
-def is_connect(spark: SparkSession) -> bool:
-    """Whether ``spark`` is a Spark Connect session (Databricks standard access mode, serverless, ``spark.remote``)."""
-    return is_remote() or type(spark).__module__.startswith("pyspark.sql.connect.")

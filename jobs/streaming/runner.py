@@ -24,11 +24,11 @@ import threading
 from collections.abc import Callable
 
 from pyspark.errors import StreamingQueryException
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.utils import is_remote
 
 from jobs.runtime.errors import QueryFailedError
-from jobs.runtime.session import is_connect
 from jobs.runtime.settings import StreamConfig
 
 LOG = logging.getLogger("lambda_learner.streaming")
@@ -82,6 +82,11 @@ class StoppableBatches:
         with self._lock:
             self._stopping = True
             return not self._busy
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (Databricks standard access mode, serverless, ``spark.remote``)."""
+    return is_remote() or type(spark).__module__.startswith("pyspark.sql.connect.")
 
 
 def start(source: DataFrame, batches: BatchFunction, stream: StreamConfig, name: str) -> StreamingQuery:
