@@ -9,7 +9,7 @@ typed columns (parquet files, a Delta table).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -30,9 +30,12 @@ class ParsedEvents:
     rejected: DataFrame
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 @dataclass(frozen=True)
 class ClassifiedEvents:
-    """A batch's events with their ``reason`` (materialised), and the earliest event time of the valid ones."""
+    """A batch's events with their ``reason`` (materialised), and the earliest event time of the valid ones (UTC)."""
 
     frame: DataFrame
     earliest_valid: datetime | None
@@ -78,10 +81,14 @@ def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ing
     candidates = candidates.withColumn("reason", _reason(model, rules, ingested)).localCheckpoint(eager=True)
     valid = candidates.where(F.col("reason").isNull())
     counts = valid.agg(
-        F.count("*").alias("events"), F.countDistinct("event_id").alias("ids"), F.min("event_time").alias("earliest")
+        F.count("*").alias("events"),
+        F.countDistinct("event_id").alias("ids"),
+        # Epoch microseconds, not a timestamp: PySpark hands timestamps over naive, in the driver's OS time zone.
+        F.unix_micros(F.min("event_time")).alias("earliest"),
     ).first()
+    earliest = None if counts.earliest is None else EPOCH + timedelta(microseconds=counts.earliest)
     if counts.events == counts.ids:
-        return ClassifiedEvents(candidates, counts.earliest)  # the usual batch: no repeated id, no sort needed
+        return ClassifiedEvents(candidates, earliest)  # the usual batch: no repeated id, no sort needed
     # Among otherwise valid events sharing an id, the earliest is the original (ties: by a hash of the payload).
     first_occurrence = Window.partitionBy("event_id", F.col("reason").isNull()).orderBy(
         F.col("event_time").asc_nulls_last(), F.col("_order")
@@ -89,7 +96,7 @@ def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ing
     duplicate = F.col("reason").isNull() & (F.row_number().over(first_occurrence) > 1)
     marked = candidates.withColumn("reason", F.when(duplicate, F.lit("duplicate_event_id")).otherwise(F.col("reason")))
     # The earliest copy of an id stays valid: the earliest valid time is the same.
-    return ClassifiedEvents(marked.localCheckpoint(eager=True), counts.earliest)
+    return ClassifiedEvents(marked.localCheckpoint(eager=True), earliest)
 
 
 def split_events(candidates: DataFrame, model: ModelConfig, batch_id: int) -> ParsedEvents:

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -8,7 +9,7 @@ import pytest
 
 from jobs.runtime.config import load_config
 from jobs.runtime.settings import EventsConfig
-from jobs.storage.parsing import parse_events
+from jobs.storage.parsing import classify_events, parse_events
 from jobs.storage.schemas import QUARANTINE, events_schema
 
 RULES = EventsConfig(max_future_minutes=60, max_age_days=365, max_abs_feature_value=1e6, max_features_per_bag=50)
@@ -168,3 +169,21 @@ def test_typed_input_from_parquet_follows_the_same_rules(spark, model, tmp_path)
     reasons = sorted(row.reason for row in parsed.rejected.collect())
     assert reasons == ["label_out_of_domain", "missing_event_id"]
     assert all(json.loads(row.payload)["item_id"] in {"i2", "i3"} for row in parsed.rejected.collect())
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Los_Angeles"])
+def test_the_earliest_valid_event_time_is_in_utc_whatever_the_drivers_time_zone(spark, model, zone, monkeypatch):
+    """It bounds the duplicate check's lookback by date: a naive local time would shift that date."""
+    lines = [
+        json.dumps(event(event_id="late", event_time="2026-11-01T23:30:00Z")),
+        json.dumps(event(event_id="early", event_time="2026-11-01T00:30:00Z")),
+        json.dumps(event(event_id="bad", event_time="2026-10-01T00:00:00Z", label=7)),
+    ]
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        classified = classify_events(lines_frame(spark, lines), model, RULES, INGESTED)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert classified.earliest_valid == datetime(2026, 11, 1, 0, 30, tzinfo=UTC)
