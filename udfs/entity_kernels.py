@@ -74,6 +74,7 @@ FAILURES = (
     "no_convergence",  # the solve stopped before converging
     "non_finite_result",  # the solve met non-finite numbers (objective, coefficient, variance or curvature w x^2)
 )
+FAILURE_REASONS = [reason for reason in FAILURES if reason is not None]
 _NON_FINITE_INPUT, _NEGATIVE_WEIGHT, _NON_FINITE_PRIOR, _NO_CONVERGENCE, _NON_FINITE_RESULT = range(1, 6)
 
 
@@ -622,7 +623,7 @@ def updated_on_driver(
     return updated_by_type
 
 
-def update_totals(updated: pd.DataFrame, reasons: list[str]) -> dict[str, float]:
+def update_totals(updated: pd.DataFrame) -> dict[str, float]:
     """Sums over updated entities (``UPDATE_FIELDS``): the figures a nearline batch reports per type."""
     return {
         "entities": len(updated),
@@ -631,7 +632,7 @@ def update_totals(updated: pd.DataFrame, reasons: list[str]) -> dict[str, float]
         "loss_before": float(updated["loss_before"].sum()),
         "loss_after": float(updated["loss_after"].sum()),
         "rows": int(updated["rows"].sum()),
-        **{reason: int((updated["failure"] == reason).sum()) for reason in reasons},
+        **{reason: int((updated["failure"] == reason).sum()) for reason in FAILURE_REASONS},
     }
 
 

@@ -24,13 +24,12 @@ from jobs.game.random_effect import (
 from jobs.runtime.settings import Config
 from jobs.storage.schemas import RE_STATE
 from jobs.storage.store import TableStore
-from udfs.entity_kernels import FAILURES, UPDATE_FIELDS, DriverCoordinate, ddl, update_totals, updated_on_driver
+from udfs.entity_kernels import FAILURE_REASONS, UPDATE_FIELDS, DriverCoordinate, ddl, update_totals, updated_on_driver
 
 # Sample keys for the row cap: a fixed seed, so a replayed batch keeps the same rows.
 ROW_CAP_SEED = 29
 # The column tagging each collected row with its random-effect type, on the driver path.
 TYPE = "_re_type"
-REASONS = [reason for reason in FAILURES if reason is not None]
 
 
 @dataclass
@@ -122,7 +121,7 @@ def _updated_on_driver(
         fixed_column=fixed,
     )
     schema = ddl(UPDATE_FIELDS)
-    return [(spark.createDataFrame(updated, schema), update_totals(updated, REASONS)) for updated in updated_by_type]
+    return [(spark.createDataFrame(updated, schema), update_totals(updated)) for updated in updated_by_type]
 
 
 def _collected(frames: dict[str, DataFrame]):
@@ -184,7 +183,7 @@ def _totals_in_spark(updated: DataFrame) -> dict[str, float]:
             F.sum("loss_before").alias("loss_before"),
             F.sum("loss_after").alias("loss_after"),
             F.sum("rows").alias("rows"),
-            *[F.sum((F.col("failure") == reason).cast("long")).alias(reason) for reason in REASONS],
+            *[F.sum((F.col("failure") == reason).cast("long")).alias(reason) for reason in FAILURE_REASONS],
         )
         .first()
         .asDict()
@@ -197,7 +196,7 @@ def _type_figures(totals: dict[str, float], re_type: str, position: int, types: 
         f"new_entities.{re_type}": float(totals["new"] or 0),
         f"failed_updates.{re_type}": float(totals["failed"] or 0),
     }
-    figures |= {f"failures.{re_type}.{reason}": float(totals[reason]) for reason in REASONS if totals[reason]}
+    figures |= {f"failures.{re_type}.{reason}": float(totals[reason]) for reason in FAILURE_REASONS if totals[reason]}
     rows = float(totals["rows"] or 0)
     # The first type's loss before is the whole model's before the batch; the last type's after, after it.
     if position == 0 and rows:
