@@ -144,10 +144,12 @@ def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark,
     config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1", "nightly.lease_minutes=0.2")
     store = open_store(spark, config.storage)
     update_on_files(spark, NearlineUpdater(config), sorted(truth.landing.glob("part-*")))
+    # The lease is taken before training: the pause before publication only keeps the first run holding it well
+    # after this process has been refused.
     slow = subprocess.Popen(
         [sys.executable, "-m", "jobs.nightly_retrain", "--config", str(write_config(tmp_path, config))],
         cwd=ROOT,
-        env={**os.environ, PAUSE_VARIABLE: "nightly:before_publish=45"},
+        env={**os.environ, PAUSE_VARIABLE: "nightly:before_publish=10"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

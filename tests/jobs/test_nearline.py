@@ -174,14 +174,15 @@ def test_a_generation_published_while_the_stream_runs_is_rebased_on_without_losi
     )
     store = open_store(spark, config.storage)
     try:
-        deliver(files[:4], pause=4)
+        # One file a trigger (max_files_per_trigger): only the race itself needs files spaced out in time.
+        deliver(files[:4], pause=0)
         _wait_for_batches(store, 4)
         # The nightly run reads the cutoff now and publishes later; batches keep arriving meanwhile.
         feeder = threading.Thread(target=deliver, args=(files[4:9], 3))
         feeder.start()
         report = run_nightly(spark, store, config)
         feeder.join()
-        deliver(files[9:], pause=3)
+        deliver(files[9:], pause=0)
         _wait_for_batches(store, len(files))
     finally:
         job.send_signal(signal.SIGTERM)
