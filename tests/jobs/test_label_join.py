@@ -410,8 +410,9 @@ def test_the_chained_jobs_learn_better_than_the_stale_model(spark, chain):
 
 # Where each killed run dies: after each write of a micro-batch (a death before the first write is one before
 # foreachBatch, which Spark redoes by itself), every point on one engine each run. The skip-on-replay logic is
-# the job's and both engines' guards pass the same store contract (tests/jobs/test_tables.py); each engine is
-# killed after an append (which the replay must skip) and after a write the batch's replay starts from.
+# the job's and both engines' guards pass the same store contract (tests/jobs/test_tables.py). delta-rs dies after
+# two appends its replay must skip (output, metrics); Spark's Delta after one (quarantine) and after the pending
+# state's overwrite, the batch's last write, which makes its replay skip the whole batch.
 KILLS = {
     "delta-rs": ["label_join:after_output@0", "label_join:after_metrics@2"],
     "spark-delta": ["label_join:after_quarantine@1", "label_join:after_state@3"],
