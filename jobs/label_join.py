@@ -9,7 +9,8 @@ against the pending impressions it keeps in a Delta table of its own. An impress
 window is a positive at once; one whose window the clicks' watermark has passed is a negative (optionally
 down-sampled, weighted back). Labelled events are appended to ``label_join.output_table`` in the event format the
 nearline job reads (``stream.source: delta`` on that table); late, orphan and duplicate clicks go to
-``label_join.quarantine_table`` with their reason. Every write is guarded by ``(label_join.app_id, batch id)``.
+``label_join.quarantine_table`` with their reason. Batches are numbered across checkpoints as the nearline job's
+are, and every write is guarded by ``(label_join.app_id, batch number)``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ QUERY_NAME = "lambda-learner-label-join"
 def run_label_join(spark: SparkSession, config: Config) -> None:
     """Start the query and run it until it ends (available-now) or is told to stop."""
     join = config.label_join
-    batches = StoppableBatches(LabelJoiner(config))
+    batches = StoppableBatches(LabelJoiner(config, stream_id=None))
     query = start(read_arrivals(spark, config), batches, stream_settings(join.impressions, join), QUERY_NAME)
     run_until_stopped(query, batches)
 

@@ -1,7 +1,9 @@
 """The body of the label join's ``foreachBatch``: one micro-batch joined and written exactly once.
 
-Every write carries the Delta transaction ``(label_join.app_id, batch id)``: the labelled events, the
-quarantine rows (each unless there are none) and the metrics row are appended, then the new state
+Batches are numbered by the tables' sequence (``jobs.streaming.sequence``), as the nearline job's are: a
+new checkpoint continues the numbers, a batch Spark replays keeps its own. Every write carries the Delta
+transaction ``(label_join.app_id, batch number)``: the metrics row (the ledger of batch numbers), the
+labelled events and the quarantine rows (each unless there are none) are appended, then the new state
 replaces the old one. The state is the commit point: a batch whose state is in the table is skipped
 whole, and until then the batch is computed from the state as it was before it, with the same
 arrivals (Spark replays a batch with the same offsets), so a replay writes what the first attempt
@@ -20,7 +22,8 @@ from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
 from jobs.storage.schemas import metrics_row
-from jobs.storage.store import Guard, TableStore, open_store
+from jobs.storage.store import TableStore, open_store
+from jobs.streaming.sequence import DIRECT, BatchSequence
 
 LOG = logging.getLogger("lambda_learner.label_join")
 JOB = "label_join"
@@ -30,11 +33,16 @@ class LabelJoiner:
     """One micro-batch of arrivals (impressions and clicks) joined against the pending state, at most once.
 
     It holds settings only (it is pickled to the server on Spark Connect): each batch opens the
-    store on the batch's own session.
+    store on the batch's own session. ``stream_id`` as for the nearline job's ``NearlineUpdater``: None reads
+    it from ``label_join.checkpoint``.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, stream_id: str | None = DIRECT):
         self.config = config
+        join = config.label_join
+        self.sequence = BatchSequence(
+            join.app_id, join.metrics_table, join.pending_table, join.checkpoint, stream_id=stream_id
+        )
         self._created = False
 
     def __call__(self, arrivals: DataFrame, batch_id: int) -> None:
@@ -53,9 +61,11 @@ class LabelJoiner:
             self._created = True
         return store
 
-    def process(self, arrivals: DataFrame, batch_id: int) -> dict[str, float]:
+    def process(self, arrivals: DataFrame, stream_batch_id: int) -> dict[str, float]:
+        """Join one micro-batch (Spark's ``stream_batch_id``); its figures, or {} if it was joined before."""
         join, store = self.config.label_join, self.store(arrivals.sparkSession)
-        guard = Guard(join.app_id, batch_id)
+        ticket = self.sequence.ticket(store, stream_batch_id)
+        batch_id, guard = ticket.sequence, ticket.guard(join.app_id)
         if store.applied(join.pending_table, guard):
             LOG.info("batch %d was joined before a restart; nothing to do", batch_id)
             return {}
@@ -66,6 +76,12 @@ class LabelJoiner:
             # The state is as it was before this batch: replacing it is the batch's last write.
             joined = join_batch(arrivals, store.read(join.pending_table), self.config, batch_id)
         with timed("write", seconds):
+            # The metrics row first: every batch writes it, so it is where the sequence looks numbers up.
+            values = joined.values | {f"seconds.{step}": value for step, value in seconds.items()}
+            run_id = f"{ticket.stream_id}/{ticket.stream_batch_id}"
+            row = metrics_row(store.spark, JOB, run_id, batch_id, None, "joined", values, None)
+            store.append(join.metrics_table, row, guard=guard)
+            crash_point("label_join:after_metrics", batch_id)
             # An empty append is left out: a replay finds it empty again, and a commit costs (Spark's Delta most).
             if joined.values["labelled"]:
                 store.append(join.output_table, joined.labelled.coalesce(1), guard=guard)
@@ -73,10 +89,6 @@ class LabelJoiner:
             if joined.values["quarantined"]:
                 store.append(join.quarantine_table, joined.quarantined.coalesce(1), guard=guard)
             crash_point("label_join:after_quarantine", batch_id)
-            values = joined.values | {f"seconds.{step}": value for step, value in seconds.items()}
-            row = metrics_row(store.spark, JOB, f"batch-{batch_id}", batch_id, None, "joined", values, None)
-            store.append(join.metrics_table, row, guard=guard)
-            crash_point("label_join:after_metrics", batch_id)
             store.overwrite(join.pending_table, joined.state.coalesce(1), guard=guard)
             crash_point("label_join:after_state", batch_id)
         LOG.info(

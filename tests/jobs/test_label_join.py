@@ -425,18 +425,22 @@ TABLE_ORDER = {
 }
 
 
-def test_a_label_join_killed_at_every_write_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
-    """On both engines at once (each a chain of real processes, killed then restarted), against one reference."""
+def test_a_label_join_killed_at_every_write_or_moved_to_a_new_checkpoint_ends_in_the_same_tables(spark, tmp_path):
+    """On both engines at once (each a chain of real processes, killed then restarted), against one reference.
+
+    The reference joins the first half of the files under one checkpoint and the rest under a new one, in this
+    process: a new checkpoint's batches continue the tables' numbers, so none is mistaken for one joined before.
+    """
     spec = stream_spec(events=600, slices=4, slice_minutes=10.0, drift=0.3, seed=23)  # and one trailing slice
     truth = generate_clicks(spec, replace(CLICKS, trailing_slices=1), tmp_path / "stream")
 
-    def settings(name: str, backend: str) -> Config:
+    def settings(name: str, backend: str, impressions=truth.impressions, clicks=truth.clicks, *extra: str) -> Config:
         folder = tmp_path / name
         return joined_config(
-            folder, truth.impressions, truth.clicks, f"storage.backend={backend}", "spark.shuffle_partitions=2"
+            folder, impressions, clicks, f"storage.backend={backend}", "spark.shuffle_partitions=2", *extra
         )
 
-    reference, runs = settings("reference", "delta-rs"), {}
+    runs = {}
 
     def killed_and_restarted(backend: str) -> None:
         path = write_config(tmp_path / backend, settings(backend, backend))
@@ -447,11 +451,22 @@ def test_a_label_join_killed_at_every_write_ends_in_the_tables_of_an_uninterrupt
     chains = [threading.Thread(target=killed_and_restarted, args=(backend,)) for backend in KILLS]
     for thread in chains:
         thread.start()
-    run_label_join(spark, reference)
+    halves = [(slice(None, 2), "first"), (slice(2, None), "second")]
+    for files, half in halves:
+        landing = tmp_path / "landing" / half
+        deliver(truth.impression_files[files], landing / "impressions")
+        deliver(truth.click_files[files], landing / "clicks")
+        checkpoint = f"label_join.checkpoint={tmp_path / 'reference' / f'checkpoint-{half}'}"
+        config = settings("reference", "delta-rs", landing / "impressions", landing / "clicks", checkpoint)
+        run_label_join(spark, config)
     for thread in chains:
         thread.join()
 
+    reference = config
     expected = open_store(spark, reference.storage)
+    numbers = expected.read(reference.label_join.metrics_table).select("batch_id", "run_id").collect()
+    assert sorted(row.batch_id for row in numbers) == list(range(5))
+    assert len({row.run_id.split("/")[0] for row in numbers}) == 2  # two streams, one sequence
     labelled = expected.read(reference.label_join.output_table).toPandas().set_index("event_id")
     impressions, _ = expected_outcome(spark, truth, rate=0.5)
     emitted = impressions[impressions.emitted].set_index("impression_id")
