@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
@@ -33,6 +34,17 @@ LEASES = StructType(
     ]
 )
 TABLE = "leases"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The lease's row as read: who holds it, since and until when (UTC)."""
+
+    holder: str
+    host: str | None
+    acquired_at: datetime
+    expires_at: datetime
 
 
 class TableLease:
@@ -50,8 +62,8 @@ class TableLease:
         self.store.create(TABLE, LEASES)
         now = datetime.now(UTC)
         current = self._current()
-        if current is not None and current.holder != self.holder and _utc(current.expires_at) > now:
-            since, until = _utc(current.acquired_at).isoformat(), _utc(current.expires_at).isoformat()
+        if current is not None and current.holder != self.holder and current.expires_at > now:
+            since, until = current.acquired_at.isoformat(), current.expires_at.isoformat()
             raise ConcurrentRunError(
                 f"another {self.job} run (holder {current.holder} on {current.host}, since {since}) holds these "
                 f"tables until {until}; wait for it to finish, or, if it was killed, until its lease expires"
@@ -89,15 +101,23 @@ class TableLease:
             except Exception:  # a failed renewal is retried at the next tick; the run goes on meanwhile
                 LOG.exception("renewing the %s lease failed", self.job)
 
-    def _current(self):
-        rows = self.store.read(TABLE).where(F.col("job") == self.job).collect()
-        return rows[0] if rows else None
+    def _current(self) -> Holder | None:
+        # Epoch microseconds: PySpark hands timestamps back naive, in the driver's OS time zone.
+        rows = (
+            self.store.read(TABLE)
+            .where(F.col("job") == self.job)
+            .select("holder", "host", F.unix_micros("acquired_at"), F.unix_micros("expires_at"))
+            .collect()
+        )
+        if not rows:
+            return None
+        holder, host, acquired, expires = rows[0]
+        return Holder(holder, host, _from_micros(acquired), _from_micros(expires))
 
     def _write(self, now: datetime) -> None:
         row = (self.job, self.holder, socket.gethostname(), self._acquired_at, now + self.duration)
         self.store.merge(TABLE, self.store.spark.createDataFrame([row], LEASES), ["job"])
 
 
-def _utc(moment: datetime) -> datetime:
-    """Spark hands back naive local times; the session runs in UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+def _from_micros(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)

@@ -21,6 +21,7 @@ from jobs.nightly_retrain import run_nightly
 from jobs.runtime.errors import ConcurrentRunError
 from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
+from jobs.storage.lease import TableLease
 from jobs.storage.store import open_store
 from tests.jobs.jobrun import ROOT, run_job, write_config
 from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
@@ -169,6 +170,23 @@ def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark,
     assert set(priors.generation) == {1} and not priors.duplicated(["re_type", "entity_id"]).any()
     # Its lease released, the next run starts at once.
     assert run_nightly(spark, store, config).status == "already_published"
+
+
+@pytest.mark.parametrize("zone", ["America/Los_Angeles", "Asia/Tokyo"])
+def test_the_lease_reads_its_times_as_utc_whatever_the_drivers_time_zone(spark, tmp_path, monkeypatch, zone):
+    """PySpark hands timestamps back naive, in the OS time zone: west of UTC a held lease would look expired, east
+    of it a released one would look held for hours."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        store = open_store(spark, config_for(tmp_path).storage)
+        with TableLease(store, "nightly", minutes=5), pytest.raises(ConcurrentRunError, match="holds these tables"):
+            TableLease(store, "nightly", minutes=5).__enter__()
+        with TableLease(store, "nightly", minutes=5) as second:  # released: taken again at once
+            assert second.held()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_duplicate_priors_of_a_generation_do_not_stop_the_nearline_job(spark, tmp_path):
