@@ -63,7 +63,7 @@ class NearlineUpdater:
     def __init__(self, config: Config, stream_id: str | None = DIRECT):
         self.config = config
         self.sequence = BatchSequence(
-            config.nearline.app_id, LEDGER, LAST_WRITE, config.stream.checkpoint, stream_id=stream_id
+            config.nearline.app_id, "nearline.app_id", LEDGER, LAST_WRITE, config.stream.checkpoint, stream_id=stream_id
         )
         self._created = False
         # The current generation as of a version of the fixed_effect table: read again when the table changes.

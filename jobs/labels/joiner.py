@@ -41,7 +41,12 @@ class LabelJoiner:
         self.config = config
         join = config.label_join
         self.sequence = BatchSequence(
-            join.app_id, join.metrics_table, join.pending_table, join.checkpoint, stream_id=stream_id
+            join.app_id,
+            "label_join.app_id",
+            join.metrics_table,
+            join.pending_table,
+            join.checkpoint,
+            stream_id=stream_id,
         )
         self._created = False
 

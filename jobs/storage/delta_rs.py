@@ -81,13 +81,13 @@ class DeltaRsStore(TableStore):
     def transaction_version(self, name: str, app_id: str) -> int | None:
         return self._table(name).transaction_version(app_id)
 
-    def guarded_commits(self, name: str, app_id: str) -> Iterator[GuardedCommit]:
+    def guarded_commits(self, name: str, app_id: str | None) -> Iterator[GuardedCommit]:
         table, seen = self._table(name), 0
         for limit in HISTORY_PAGES:
             page = table.history(limit)
             for entry in page[seen:]:
                 commit = GuardedCommit.from_user_metadata(entry["version"], entry.get("userMetadata"))
-                if commit is not None and commit.guard.app_id == app_id:
+                if commit is not None and app_id in (None, commit.guard.app_id):
                     yield commit
             if limit is None or len(page) < limit:
                 return

@@ -93,13 +93,13 @@ class SparkDeltaStore(TableStore):
             for row in reversed(self._history(name, None))
         ]
 
-    def guarded_commits(self, name: str, app_id: str) -> Iterator[GuardedCommit]:
+    def guarded_commits(self, name: str, app_id: str | None) -> Iterator[GuardedCommit]:
         seen = 0
         for limit in HISTORY_PAGES:
             page = self._history(name, limit)
             for row in page[seen:]:
                 commit = GuardedCommit.from_user_metadata(row["version"], row["user_metadata"])
-                if commit is not None and commit.guard.app_id == app_id:
+                if commit is not None and app_id in (None, commit.guard.app_id):
                     yield commit
             if limit is None or len(page) < limit:
                 return

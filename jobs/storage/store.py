@@ -217,8 +217,9 @@ class TableStore(ABC):
         """The table's commits, oldest first."""
 
     @abstractmethod
-    def guarded_commits(self, name: str, app_id: str) -> Iterator[GuardedCommit]:
-        """The commits made under a guard of ``app_id``, newest first, as far back as the log keeps them."""
+    def guarded_commits(self, name: str, app_id: str | None) -> Iterator[GuardedCommit]:
+        """The commits made under a guard of ``app_id`` (None: of any), newest first, as far back as the log keeps
+        them."""
 
     def last_guarded_commit(self, name: str, app_id: str) -> GuardedCommit | None:
         return next(self.guarded_commits(name, app_id), None)

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from jobs.runtime.errors import HalfWrittenBatchError
+from jobs.runtime.errors import ConfigError, HalfWrittenBatchError
 from jobs.storage.store import Guard, GuardedCommit, TableStore
 
 LOG = logging.getLogger("lambda_learner.streaming")
@@ -54,10 +54,15 @@ class BatchTicket:
 
 
 class BatchSequence:
-    """Hands out each micro-batch's ticket; remembers the last one it gave, so a lookup happens once per process."""
+    """Hands out each micro-batch's ticket; remembers the last one it gave, so a lookup happens once per process.
 
-    def __init__(self, app_id: str, ledger: str, last: str, checkpoint: str, stream_id: str | None = None):
-        self.app_id, self.ledger, self.last = app_id, ledger, last
+    ``setting`` is the config key of ``app_id``, named when tables written under another app id are refused.
+    """
+
+    def __init__(
+        self, app_id: str, setting: str, ledger: str, last: str, checkpoint: str, stream_id: str | None = None
+    ):
+        self.app_id, self.setting, self.ledger, self.last = app_id, setting, ledger, last
         self.checkpoint = checkpoint
         self.stream_id = stream_id
         self._previous: BatchTicket | None = None
@@ -77,6 +82,7 @@ class BatchSequence:
         stream_id = self.stream_id or self._checkpoint_stream_id(store)
         latest = store.last_guarded_commit(self.ledger, self.app_id)
         if latest is None:
+            self._refuse_another_app_id(store)
             return BatchTicket(stream_id, stream_batch_id, 0, _now())
         recorded = BatchTicket.of(latest)
         if (recorded.stream_id, recorded.stream_batch_id) == (stream_id, stream_batch_id):
@@ -104,6 +110,16 @@ class BatchSequence:
                 return own  # finished before a restart; another stream wrote since
             LOG.info("stream %s continues the tables' sequence after stream %s", stream_id, recorded.stream_id)
         return BatchTicket(stream_id, stream_batch_id, recorded.sequence + 1, _now())
+
+    def _refuse_another_app_id(self, store: TableStore) -> None:
+        """A sequence begun under another app id is not begun again: its numbers would collide with the old ones."""
+        other = next((c for c in store.guarded_commits(self.last, None) if _stream(c) is not None), None)
+        if other is not None:
+            raise ConfigError(
+                f"config key '{self.setting}' is {self.app_id!r}, but the batches in table {self.last!r} were "
+                f"written under app id {other.guard.app_id!r} (batch {other.guard.version}): set it back, or "
+                "write to new tables (storage.root) to start a new sequence (docs/operations.md)"
+            )
 
     def _checkpoint_stream_id(self, store: TableStore) -> str:
         """The query id Spark keeps in the checkpoint's ``metadata`` file, read through Spark (any file system).

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 from pyspark.sql import functions as F
@@ -18,7 +19,7 @@ from pyspark.sql import functions as F
 from jobs.game.generation import current_generation
 from jobs.nearline_update import NearlineUpdater
 from jobs.nightly_retrain import run_nightly
-from jobs.runtime.errors import ConcurrentRunError
+from jobs.runtime.errors import ConcurrentRunError, ConfigError
 from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
 from jobs.storage.lease import TableLease
@@ -170,6 +171,24 @@ def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark,
     assert set(priors.generation) == {1} and not priors.duplicated(["re_type", "entity_id"]).any()
     # Its lease released, the next run starts at once.
     assert run_nightly(spark, store, config).status == "already_published"
+
+
+def test_a_changed_app_id_is_refused_before_it_writes(spark, tmp_path):
+    """A new app id would start the sequence at 0 again, its numbers colliding with the batches already written."""
+    truth = generate(stream_spec(events=400, slices=2), tmp_path / "stream")
+    config = stream_config(tmp_path, truth.landing)
+    files = sorted(truth.landing.glob("part-*"))
+    update_on_files(spark, NearlineUpdater(config), files[:1])
+    store = open_store(spark, config.storage)
+    versions = {table: store.version(table) for table in ("quarantine", "events", "metrics", "re_state")}
+
+    renamed = replace(config, nearline=replace(config.nearline, app_id="lambda-learner-nearline-2"))
+    expected = "config key 'nearline.app_id' is 'lambda-learner-nearline-2', but .* app id 'lambda-learner-nearline'"
+    with pytest.raises(ConfigError, match=expected):
+        update_on_files(spark, NearlineUpdater(renamed), files[1:], first_batch_id=1)
+    assert {table: store.version(table) for table in versions} == versions
+    update_on_files(spark, NearlineUpdater(config), files[1:], first_batch_id=1)  # the old one goes on
+    assert store.read("metrics").where("job = 'nearline'").count() == 2
 
 
 @pytest.mark.parametrize("zone", ["America/Los_Angeles", "Asia/Tokyo"])
