@@ -26,7 +26,11 @@ def validate(
     fixed_effect: FixedEffectScorer,
     coefficients: dict[str, DataFrame],
 ) -> tuple[dict[str, float], bool, str]:
-    """Hold-out metrics of the new model (fixed effect only, and full) and of the current generation; the gate."""
+    """Hold-out metrics of the new model (fixed effect only, and full) and of the current generation; the gate.
+
+    A metric the hold-out cannot define (no weight, one label only, no entity with both labels) is left out of the
+    metrics, named in the reason, and judged by nothing: the gate compares what both models have.
+    """
     buckets = config.nightly.buckets
     entity_columns = [r.entity_column for r in config.model.random_effects]
     new = with_game_scores(holdout, config, fixed_effect, coefficients, buckets).select(
@@ -43,17 +47,25 @@ def validate(
     measured = holdout_metrics(config, rows, "fixed_only", "score_fixed")
     measured |= holdout_metrics(config, rows, "full", "score")
     if current is None:
-        return measured, True, "first generation"
-    measured |= holdout_metrics(config, rows, "current", "score_current")
-    return (measured, *_gate(config, measured))
+        publishing, reason = True, "first generation"
+    else:
+        measured |= holdout_metrics(config, rows, "current", "score_current")
+        publishing, reason = _gate(config, {k: v for k, v in measured.items() if v is not None})
+    undefined = sorted(key for key, value in measured.items() if value is None)
+    if undefined:
+        reason += f"; not computable on this hold-out: {', '.join(undefined)}"
+    return {k: v for k, v in measured.items() if v is not None}, publishing, reason
 
 
-def holdout_metrics(config: Config, rows: DataFrame, prefix: str, column: str) -> dict[str, float]:
-    """The metrics of one score column, computed by Spark: weighted AUC, log loss, calibration; RMSE for linear."""
+def holdout_metrics(config: Config, rows: DataFrame, prefix: str, column: str) -> dict[str, float | None]:
+    """The metrics of one score column, computed by Spark: weighted AUC, log loss, calibration; RMSE for linear.
+
+    None for a metric the rows do not define: every one when their weights sum to 0, the AUCs with one label only.
+    """
     score, label, weight = F.col(column), F.col("label"), F.col("weight")
     if config.model.task == "linear":
-        (value,) = rows.agg(F.sqrt(F.sum(weight * (score - label) ** 2) / F.sum(weight))).first()
-        return {f"{prefix}.rmse": float(value)}
+        totals = rows.agg(F.sum(weight * (score - label) ** 2).alias("squares"), F.sum(weight).alias("weight")).first()
+        return {f"{prefix}.rmse": math.sqrt(totals.squares / totals.weight) if totals.weight > 0 else None}
     positive = (label > 0).cast("double")
     margin = F.when(label > 0, score).otherwise(-score)
     # log(1 + exp(-margin)) without overflow.
@@ -64,11 +76,15 @@ def holdout_metrics(config: Config, rows: DataFrame, prefix: str, column: str) -
         F.sum(weight * positive).alias("positive"),
         F.sum(weight / (1 + F.exp(-score))).alias("expected"),
     ).first()
+    keys = ["auc", "log_loss", "calibration", *(f"per_entity_auc.{r.name}" for r in config.model.random_effects)]
+    if not totals.weight > 0:
+        return dict.fromkeys((f"{prefix}.{key}" for key in keys), None)
+    both_labels = 0 < totals.positive < totals.weight
     evaluator = BinaryClassificationEvaluator(
         rawPredictionCol=column, labelCol="label", weightCol="weight", metricName="areaUnderROC", numBins=0
     )
     measured = {
-        f"{prefix}.auc": float(evaluator.evaluate(rows)),
+        f"{prefix}.auc": float(evaluator.evaluate(rows)) if both_labels else None,
         f"{prefix}.log_loss": float(totals.loss / totals.weight),
         f"{prefix}.calibration": float(totals.positive / totals.expected),
     }
@@ -79,28 +95,36 @@ def holdout_metrics(config: Config, rows: DataFrame, prefix: str, column: str) -
     return measured
 
 
-def _per_entity_auc(rows: DataFrame, entity_column: str, column: str, buckets: int) -> float:
-    """The mean over entities with both labels of each entity's (unweighted) AUC, by buckets of whole entities."""
+def _per_entity_auc(rows: DataFrame, entity_column: str, column: str, buckets: int) -> float | None:
+    """The mean over entities with both labels of each entity's (unweighted) AUC, by buckets of whole entities.
+
+    None when no entity has both labels.
+    """
     scored = rows.select(F.col(entity_column).alias("entity_id"), F.col(column).alias("score"), "label")
     grouped = scored.groupBy(entity_group(F.col("entity_id"), buckets))
     aucs = grouped.applyInPandas(entity_aucs, ddl(ENTITY_AUC_FIELDS))
     (mean,) = aucs.agg(F.avg("auc")).first()
-    return float("nan") if mean is None else float(mean)
+    return None if mean is None else float(mean)
 
 
 def _gate(config: Config, measured: dict[str, float]) -> tuple[bool, str]:
-    """Publish unless the new model is worse than the current one by more than the tolerances."""
+    """Publish unless the new model is worse than the current one by more than the tolerances, on the metrics both
+    models have."""
     tolerance = config.nightly
+
+    def rise(metric: str) -> float | None:
+        new, old = measured.get(f"full.{metric}"), measured.get(f"current.{metric}")
+        return None if new is None or old is None else new - old
+
     if config.model.task == "linear":
-        worse = measured["full.rmse"] - measured["current.rmse"]
-        if worse > tolerance.loss_tolerance:
+        worse = rise("rmse")
+        if worse is not None and worse > tolerance.loss_tolerance:
             return False, f"hold-out RMSE {measured['full.rmse']:.4f} is {worse:.4f} above the current generation's"
         return True, "not worse than the current generation"
-    auc_drop = measured["current.auc"] - measured["full.auc"]
-    loss_rise = measured["full.log_loss"] - measured["current.log_loss"]
-    if auc_drop > tolerance.auc_tolerance:
-        return False, f"hold-out AUC {measured['full.auc']:.4f} is {auc_drop:.4f} below the current generation's"
-    if loss_rise > tolerance.loss_tolerance:
+    auc_rise, loss_rise = rise("auc"), rise("log_loss")
+    if auc_rise is not None and -auc_rise > tolerance.auc_tolerance:
+        return False, f"hold-out AUC {measured['full.auc']:.4f} is {-auc_rise:.4f} below the current generation's"
+    if loss_rise is not None and loss_rise > tolerance.loss_tolerance:
         return (
             False,
             f"hold-out log loss {measured['full.log_loss']:.4f} is {loss_rise:.4f} above the current generation's",

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,46 @@ def test_an_empty_window_publishes_nothing(spark, tmp_path):
     report = run_nightly(spark, store, config)
     assert report.status == "empty_window"
     assert store.read("fixed_effect").count() == 0 and store.read("re_priors").count() == 0
+
+
+def test_a_hold_out_that_cannot_define_a_metric_does_not_block_publication(spark, tmp_path):
+    """Low traffic: a hold-out where no entity has both labels (no per-entity AUC), then one whose weights are all 0.
+
+    Neither says the model is broken: the metric is left out, named in the reason, and the generation is published.
+    """
+    stream = ingest_stream(spark, tmp_path, stream_spec(events=600, slices=3), "nightly.holdout_hours=0.5", files=3)
+    (newest,) = stream.store.read("events").agg(F.unix_seconds(F.max("event_time"))).first()
+
+    def hand_batch(batch_id: int, hours: float, weight: float) -> None:
+        moment = datetime.fromtimestamp(newest + hours * 3600, tz=UTC).isoformat().replace("+00:00", "Z")
+        events = [
+            {
+                "event_id": f"hand-{batch_id}-{label}",
+                "event_time": moment,
+                "label": label,
+                "weight": weight,
+                "member_id": f"member-hand-{batch_id}-{label}",
+                "item_id": f"item-hand-{batch_id}-{label}",
+                "features": {"global": [{"name": "g", "term": "0", "value": 1.0}]},
+            }
+            for label in (0, 1)
+        ]
+        raw = spark.createDataFrame([(json.dumps(event),) for event in events], "value string")
+        ingest_batch(stream.store, stream.config, raw, batch_id)
+
+    hand_batch(3, hours=2, weight=1.0)  # two entities of one event each: per-entity AUCs undefined
+    first = run_nightly(spark, stream.store, stream.config)
+    assert first.status == "published", first.reason
+    assert "not computable on this hold-out: fixed_only.per_entity_auc.per_item" in first.reason
+    assert set(first.validation) == {
+        f"{model}.{metric}" for model in ("fixed_only", "full") for metric in ("auc", "log_loss", "calibration")
+    }
+
+    hand_batch(4, hours=4, weight=0.0)
+    second = run_nightly(spark, stream.store, stream.config)
+    assert second.status == "published", second.reason
+    assert second.validation == {} and "current.log_loss" in second.reason
+    assert second.reason.startswith("not worse than the current generation")
 
 
 def copy_published(trained, folder, spark, engine: str):
