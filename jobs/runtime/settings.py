@@ -140,6 +140,9 @@ class EventsConfig:
     max_age_days: float = _checked(3650.0, POSITIVE)
     max_abs_feature_value: float = _checked(1e6, POSITIVE)
     max_features_per_bag: int = _checked(1000, AT_LEAST_ONE)
+    # A huge weight collapses an entity's variance in one update and overflows the hold-out's sums.
+    max_weight: float = _checked(1000.0, POSITIVE)
+    max_abs_label: float = _checked(1e6, POSITIVE)  # linear task: a label beyond it overflows the squares
     duplicate_lookback_days: float | None = _checked(None, NON_NEGATIVE)
     retention_days: float = _checked(30.0, POSITIVE)
 
@@ -420,6 +423,13 @@ def _check_label_join(config: Config) -> None:
             raise ConfigError(
                 f"config key 'label_join.{name}.options' must set kafka.bootstrap.servers when its source is kafka"
             )
+    largest = max([1.0 / join.negative_sampling_rate, *(kind.weight for kind in join.feedback)])
+    if largest > config.events.max_weight:
+        raise ConfigError(
+            f"config key 'events.max_weight' is {config.events.max_weight:g}, below the label join's largest weight "
+            f"{largest:g} (1 / label_join.negative_sampling_rate, or a label_join.feedback weight): raise it, or "
+            "the nearline job quarantines those events"
+        )
     if join.app_id in (config.nearline.app_id, config.nightly.app_id):
         raise ConfigError(
             f"config key 'label_join.app_id' must differ from the other jobs' app ids; got {join.app_id!r}"

@@ -172,7 +172,12 @@ def _reason(model: ModelConfig, bounds: EventsConfig, ingested: datetime) -> Col
         (F.col("label").isNull(), "missing_label"),
         (~_label_in_domain(model), "label_out_of_domain"),
         (F.col("weight").isNotNull() & (~_finite(F.col("weight")) | (F.col("weight") < 0)), "bad_weight"),
+        (F.coalesce(F.col("weight") > bounds.max_weight, F.lit(False)), f"bad_weight:above {bounds.max_weight:g}"),
     ]
+    if model.task == "linear":
+        rules.append(
+            (F.abs(F.col("label")) > bounds.max_abs_label, f"label_out_of_domain:beyond {bounds.max_abs_label:g}")
+        )
     rules += [(_blank(F.col(r.entity_column)), f"missing_entity_id:{r.entity_column}") for r in model.random_effects]
     if model.fixed_effect.source == "score_column":
         score = F.col(model.fixed_effect.score_column)

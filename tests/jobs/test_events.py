@@ -59,6 +59,9 @@ BAD_EVENTS = [
     (json.dumps(event(label=0.5)), "label_out_of_domain"),
     (json.dumps(event(weight=-1.0)), "bad_weight"),
     (json.dumps(event(weight=float("inf"))), "bad_weight"),
+    # Finite but huge: one event would outweigh everything an entity has learnt, and overflow the hold-out's sums.
+    (json.dumps(event(weight=1e300)), "bad_weight:above 1000"),
+    (json.dumps(event(weight=1000.5)), "bad_weight:above 1000"),
     (json.dumps(event(member_id=...)), "missing_entity_id:member_id"),
     (json.dumps(event(item_id="")), "missing_entity_id:item_id"),
     (json.dumps(event(features={"member": [{"name": "m", "term": "0", "value": float("nan")}]})), "bad_feature"),
@@ -119,10 +122,17 @@ def test_duplicates_within_a_batch_keep_the_earliest(spark, model):
 
 def test_linear_task_takes_real_labels(spark):
     model = load_config(overrides=["model.task=linear"]).model
-    lines = [json.dumps(event(label=2.75)), json.dumps(event(event_id="nan", label=float("nan")))]
+    lines = [
+        json.dumps(event(label=2.75)),
+        json.dumps(event(event_id="nan", label=float("nan"))),
+        json.dumps(event(event_id="huge", label=-1e200)),
+    ]
     parsed = parse_events(lines_frame(spark, lines), model, 0, RULES, INGESTED)
     assert [row.label for row in parsed.valid.collect()] == [2.75]
-    assert [row.reason for row in parsed.rejected.collect()] == ["label_out_of_domain"]
+    assert sorted(row.reason for row in parsed.rejected.collect()) == [
+        "label_out_of_domain",
+        "label_out_of_domain:beyond 1e+06",
+    ]
 
 
 def test_score_column_source_requires_a_finite_score(spark):

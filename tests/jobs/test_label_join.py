@@ -200,6 +200,7 @@ def test_a_bad_label_join_setting_is_refused_naming_its_key(tmp_path):
         ("label_join.app_id=lambda-learner-nearline", "label_join.app_id"),
         ("label_join.output_table=events", "label_join.output_table"),
         ("label_join.negative_sampling_rate=0", "label_join.negative_sampling_rate"),
+        ("label_join.negative_sampling_rate=0.0001", "events.max_weight"),  # weighted 10,000: would be quarantined
         ("label_join.feedback=[{name: click, label: 2}]", "label_join.feedback[0].label"),
         ("label_join.clicks.source=kafka", "label_join.clicks.options"),
     ]:
