@@ -6,7 +6,9 @@ micro-batch replayed after a crash computes exactly what its first attempt did.
 Times are compared in microseconds. With W the attribution window, L the allowed lateness and B the
 orphan lookback:
 
-- each stream has its own watermark, its latest event time less L, never moving back;
+- each stream has its own watermark, its latest accepted event time less L, never moving back; a time
+  beyond the ingestion clock's bounds (``events.max_future_minutes``, ``events.max_age_days``) is quarantined
+  and moves nothing, so one record dated 2099 cannot close every window;
 - an impression arriving behind the impressions' watermark is late; one repeating a known id a duplicate;
 - a click labels its pending impression when ``impression_time <= click_time <= impression_time + W``;
   the first such click (by time, then the order of ``label_join.feedback``) wins, once;
@@ -19,6 +21,7 @@ orphan lookback:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -26,6 +29,8 @@ from pyspark.sql.types import StructType
 
 from jobs.labels.schemas import (
     ALREADY_LABELLED,
+    BAD_CLICK_TIME,
+    BAD_IMPRESSION_TIME,
     CLICK,
     CLICK_AFTER_WINDOW,
     CLICK_BEFORE_IMPRESSION,
@@ -92,8 +97,10 @@ def keeps_negative(impression_id: Column, rate: float) -> Column:
     return F.lit(True) if rate >= 1.0 else sample_fraction(impression_id) < F.lit(rate)
 
 
-def join_batch(arrivals: DataFrame, state: DataFrame, config: Config, batch_id: int) -> Joined:
+def join_batch(arrivals: DataFrame, state: DataFrame, config: Config, batch_id: int, ingested: datetime) -> Joined:
     """The micro-batch ``batch_id``: its arrivals (materialised) against the state before it.
+
+    ``ingested`` is when the batch was first ingested (the same for its replay): arrival times are bounded by it.
 
     Everything about one impression id (its impression, known or arriving, and its clicks, waiting or
     arriving) meets in one partition, where window functions decide every row's fate in one pass.
@@ -103,10 +110,11 @@ def join_batch(arrivals: DataFrame, state: DataFrame, config: Config, batch_id: 
     window = round(join.attribution_window_minutes * MICROS_PER_MINUTE)
     lateness = round(join.allowed_lateness_minutes * MICROS_PER_MINUTE)
     lookback = round(join.orphan_lookback_minutes * MICROS_PER_MINUTE)
-    # The watermarks before the batch and the batch's latest times, in one job.
+    arrivals = arrivals.selectExpr("*", f"{_unacceptable(config, ingested)} AS _unacceptable")
+    # The watermarks before the batch and the batch's latest accepted times, in one job.
     latest = arrivals.selectExpr(
-        f"max(CASE WHEN stream = '{IMPRESSION}' THEN unix_micros(time) END) AS impression",
-        f"max(CASE WHEN stream = '{CLICK}' THEN unix_micros(time) END) AS click",
+        f"max(CASE WHEN stream = '{IMPRESSION}' AND _unacceptable IS NULL THEN unix_micros(time) END) AS impression",
+        f"max(CASE WHEN stream = '{CLICK}' AND _unacceptable IS NULL THEN unix_micros(time) END) AS click",
     )
     recorded = state.where(f"record = '{WATERMARKS}'").selectExpr(
         "unix_micros(impressions_watermark) AS impressions_mark", "unix_micros(clicks_watermark) AS clicks_mark"
@@ -186,13 +194,10 @@ def _rows(arrivals: DataFrame, state: DataFrame, config: Config, batch_id: int, 
         *payloads,
         "CAST(NULL AS STRING) AS reason0",
     )
-    unusable = "(malformed OR impression_id IS NULL OR trim(impression_id) = '' OR time IS NULL)"
-    kinds = ", ".join(_text(kind.name) for kind in config.label_join.feedback)
     reason0 = (
-        f"CASE WHEN stream = '{IMPRESSION}' AND {unusable} THEN '{MALFORMED_IMPRESSION}' "
+        f"CASE WHEN _unacceptable IS NOT NULL THEN _unacceptable "
         f"WHEN stream = '{IMPRESSION}' AND {_passed('unix_micros(time)', before.impressions)} THEN '{LATE_IMPRESSION}' "
-        f"WHEN {unusable} THEN '{MALFORMED_CLICK}' "
-        f"WHEN stream = '{CLICK}' AND NOT kind IN ({kinds}) THEN '{UNKNOWN_FEEDBACK}' END"
+        "END"
     )
     arriving = arrivals.selectExpr(
         "'batch' AS origin",
@@ -208,6 +213,32 @@ def _rows(arrivals: DataFrame, state: DataFrame, config: Config, batch_id: int, 
         f"{reason0} AS reason0",
     )
     return known.unionByName(arriving)
+
+
+def _unacceptable(config: Config, ingested: datetime) -> str:
+    """SQL: why an arrival cannot take part at all (malformed, a time out of bounds, an unknown kind), else null."""
+    events = config.events
+    latest = ingested + timedelta(minutes=events.max_future_minutes)
+    earliest = ingested - timedelta(days=events.max_age_days)
+    unusable = "(malformed OR impression_id IS NULL OR trim(impression_id) = '' OR time IS NULL)"
+    kinds = ", ".join(_text(kind.name) for kind in config.label_join.feedback)
+    cases = []
+    for stream, malformed, bad_time in (
+        (IMPRESSION, MALFORMED_IMPRESSION, BAD_IMPRESSION_TIME),
+        (CLICK, MALFORMED_CLICK, BAD_CLICK_TIME),
+    ):
+        cases += [
+            f"WHEN stream = '{stream}' AND {unusable} THEN '{malformed}'",
+            f"WHEN stream = '{stream}' AND unix_micros(time) > {_micros(latest)}L "
+            f"THEN '{bad_time}:after {latest.isoformat()}'",
+            f"WHEN stream = '{stream}' AND unix_micros(time) < {_micros(earliest)}L "
+            f"THEN '{bad_time}:before {earliest.isoformat()}'",
+        ]
+    return f"CASE {' '.join(cases)} WHEN stream = '{CLICK}' AND NOT kind IN ({kinds}) THEN '{UNKNOWN_FEEDBACK}' END"
+
+
+def _micros(moment: datetime) -> int:
+    return round(moment.timestamp() * 1_000_000)
 
 
 def _classify(
@@ -307,7 +338,7 @@ def _figures(classified: DataFrame, after: Watermarks, rate: float) -> dict[str,
         "negatives": "_closed AND _emitted",
         "negatives_sampled_out": "_closed AND NOT _emitted",
         "quarantined": "reason IS NOT NULL",
-        **{f"quarantined.{reason}": f"reason = '{reason}'" for reason in REASONS},
+        **{f"quarantined.{reason}": f"(reason = '{reason}' OR reason LIKE '{reason}:%')" for reason in REASONS},
         "pending_impressions": f"{kept_impression} AND _label IS NULL",
         "remembered_impressions": f"{kept_impression} AND _label IS NOT NULL",
         "waiting_clicks": f"_kept AND record = '{CLICK}'",

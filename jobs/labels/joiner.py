@@ -79,7 +79,7 @@ class LabelJoiner:
         with timed("join", seconds):
             arrivals = arrivals.localCheckpoint(eager=True)
             # The state is as it was before this batch: replacing it is the batch's last write.
-            joined = join_batch(arrivals, store.read(join.pending_table), self.config, batch_id)
+            joined = join_batch(arrivals, store.read(join.pending_table), self.config, batch_id, ticket.ingested)
         with timed("write", seconds):
             # The metrics row first: every batch writes it, so it is where the sequence looks numbers up.
             values = joined.values | {f"seconds.{step}": value for step, value in seconds.items()}

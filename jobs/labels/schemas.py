@@ -34,8 +34,13 @@ DUPLICATE_CLICK = "duplicate_click"
 ALREADY_LABELLED = "already_labelled"
 LATE_CLICK = "late_click"
 ORPHAN_CLICK = "orphan_click"
+# Times beyond the ingestion clock's bounds (events.max_future_minutes, events.max_age_days); the bound follows.
+BAD_IMPRESSION_TIME = "bad_impression_time"
+BAD_CLICK_TIME = "bad_click_time"
 REASONS = (
     MALFORMED_IMPRESSION,
+    BAD_IMPRESSION_TIME,
+    BAD_CLICK_TIME,
     DUPLICATE_IMPRESSION,
     LATE_IMPRESSION,
     MALFORMED_CLICK,

@@ -77,6 +77,7 @@ HAND_SETTINGS = (
 )
 FIRST_IMPRESSIONS = [impression(name, minutes) for name, minutes in (("i1", 0), ("i2", 1), ("i3", 2), ("i3", 2))]
 FIRST_CLICKS = [click("i1", 3.5), click("i1", 4.5), click("i2", 1.5, "share"), click("i9", 3.5), click("i3", 1.5)]
+FAR_AHEAD = 40_000_000.0
 # Five micro-batches of (impressions, clicks); minutes after START. Window 10, lateness 2, lookback 60.
 HAND_BATCHES = [
     (
@@ -89,7 +90,8 @@ HAND_BATCHES = [
     ),
     ([impression("i10", 21)], [click("i3", 8.5), click("i4", 21.5), click("i4", 22), click("i1", 40)]),
     ([impression("i12", 75)], [click("i11", 80)]),
-    ([impression("i13", 100)], [click("i1", 79)]),
+    # Dated some 76 years ahead: beyond the ingestion clock's bounds, they move no watermark.
+    ([impression("i13", 100), impression("i14", FAR_AHEAD)], [click("i1", 79), click("i12", FAR_AHEAD)]),
 ]
 # (event id, label, weight, feedback, micro-batch)
 HAND_LABELLED = [
@@ -120,10 +122,13 @@ HAND_QUARANTINED = [
     (2, "i1", at(40), "click_after_window"),
     (4, "i1", at(79), "orphan_click"),  # i1 was forgotten (60 minutes after it) when the watermark reached 78
     (4, "i11", at(80), "orphan_click"),  # waited in batch 3
+    (4, "i14", at(FAR_AHEAD), "bad_impression_time:after"),  # the bound follows: the batch's ingestion + 60 minutes
+    (4, "i12", at(FAR_AHEAD), "bad_click_time:after"),
 ]
 
 
 def test_every_case_of_the_join_by_hand(spark, tmp_path):
+    started = datetime.now(UTC)
     config = config_for(tmp_path, "storage.backend=delta-rs", *HAND_SETTINGS)
     joiner = LabelJoiner(config)
     for batch_id, (impressions, clicks) in enumerate(HAND_BATCHES):
@@ -145,7 +150,14 @@ def test_every_case_of_the_join_by_hand(spark, tmp_path):
     for row in store.read(join.quarantine_table).collect():
         payload = json.loads(row.payload) if row.payload.startswith("{") else {}
         time = payload.get("click_time", payload.get("impression_time"))
-        quarantined.append((row.batch_id, payload.get("impression_id"), time, row.reason))
+        reason, _, bound = row.reason.partition(" ")
+        if bound:
+            assert (
+                started + timedelta(minutes=60)
+                <= datetime.fromisoformat(bound)
+                <= datetime.now(UTC) + timedelta(minutes=60)
+            )
+        quarantined.append((row.batch_id, payload.get("impression_id"), time, reason))
     key = lambda r: tuple("" if v is None else str(v) for v in r)  # noqa: E731
     assert sorted(quarantined, key=key) == sorted(HAND_QUARANTINED, key=key)
 
@@ -160,8 +172,9 @@ def test_every_case_of_the_join_by_hand(spark, tmp_path):
         NAIVE_START + timedelta(minutes=78),
     )
     figures = store.read(join.metrics_table).orderBy("batch_id").collect()
-    assert [f["values"]["quarantined"] for f in figures] == [8, 4, 3, 0, 2]
-    assert sum(f["values"]["impressions_in"] for f in figures) == 14
+    assert [f["values"]["quarantined"] for f in figures] == [8, 4, 3, 0, 4]
+    assert figures[-1]["values"]["quarantined.bad_click_time"] == 1
+    assert sum(f["values"]["impressions_in"] for f in figures) == 15
     assert figures[-1]["values"]["pending_impressions"] == 2
 
 
