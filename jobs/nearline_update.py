@@ -31,7 +31,7 @@ from jobs.game.fixed_effect import FixedEffect
 from jobs.game.generation import Generation, current_generation
 from jobs.game.incremental import Update, apply_events, priors_as_state, upserted
 from jobs.runtime.cli import Job, job_parser, run_job
-from jobs.runtime.errors import ConfigError
+from jobs.runtime.errors import ConfigError, StateRestoredError
 from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
@@ -97,9 +97,15 @@ class NearlineUpdater:
         with timed("ingest", seconds):
             ingested = ingest_batch(store, config, raw, batch_id, ticket.guard(app_id), ticket.ingested)
         generation = self._current_generation(store)
-        based_on = state_generation(store, app_id)
-        # A new generation, or an older one current again after a rollback.
-        rebase = generation is not None and generation.number != based_on
+        based_on, restored = state_generation(store, app_id)
+        if restored is not None and generation is None:
+            raise StateRestoredError(
+                f"table {LAST_WRITE!r} was restored to an earlier version ({restored}) and there is no generation to "
+                "rebuild it from: batches the guards count as applied are missing from it; empty it instead, or "
+                "start from nothing (docs/operations.md, 'Reset the live model')"
+            )
+        # A new generation, an older one current again after a rollback, or a state restored to an earlier version.
+        rebase = generation is not None and (restored is not None or generation.number != based_on)
         with timed("update", seconds):
             if rebase:
                 state, update = self._rebase(store, generation, ingested.events, batch_id)
@@ -251,13 +257,17 @@ def batch_state(store: TableStore, config: Config, events: DataFrame, *, materia
     return touched.localCheckpoint(eager=True) if materialised else touched
 
 
-def state_generation(store: TableStore, app_id: str) -> int | None:
-    """The generation the live state is on: recorded with its last write, unless someone wrote it since."""
+def state_generation(store: TableStore, app_id: str) -> tuple[int | None, int | None]:
+    """The generation the live state is on (recorded with its last write, unless someone wrote it since), and the
+    table version of a RESTORE since its last write, if any: a restored state lacks batches its guards count."""
     last = store.last_guarded_commit(LAST_WRITE, app_id)
     if last is not None and last.table_version == store.version(LAST_WRITE):
-        return last.guard.facts.get("generation")
+        return last.guard.facts.get("generation"), None
+    since = -1 if last is None else last.table_version
+    restores = [c.version for c in store.history(LAST_WRITE) if c.version > since and c.operation == "RESTORE"]
     # Emptied or edited by hand (docs/operations.md): look at the rows.
-    return store.read(LAST_WRITE).agg(F.max("generation")).first()[0]
+    generation = store.read(LAST_WRITE).agg(F.max("generation")).first()[0]
+    return generation, max(restores, default=None)
 
 
 def run_nearline(spark: SparkSession, config: Config) -> None:

@@ -28,3 +28,7 @@ class HalfWrittenBatchError(RuntimeError):
 
 class ConcurrentRunError(RuntimeError):
     """Another run of the same job holds the tables."""
+
+
+class StateRestoredError(RuntimeError):
+    """The live state was restored to an earlier version, and no generation can rebuild it."""

@@ -14,12 +14,13 @@ import time
 from dataclasses import replace
 
 import pytest
+from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from jobs.game.generation import current_generation
 from jobs.nearline_update import NearlineUpdater
 from jobs.nightly_retrain import run_nightly
-from jobs.runtime.errors import ConcurrentRunError, ConfigError
+from jobs.runtime.errors import ConcurrentRunError, ConfigError, StateRestoredError
 from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
 from jobs.storage.lease import TableLease
@@ -90,19 +91,45 @@ def test_the_documented_backfill_with_its_own_checkpoint_loses_nothing(spark, tm
     assert report.status == "published" and report.cutoff_batch_id == batches[-1]
 
 
-def test_a_rebase_counts_every_ingested_event_exactly_once(spark, tmp_path):
-    """The nightly holds out its last hour: the rebase must replay it, with everything after its cutoff."""
-    truth = generate(stream_spec(events=2400, slices=8, seed=32), tmp_path / "stream")
+def test_a_rebase_counts_every_ingested_event_exactly_once_and_a_restored_state_is_rebuilt(spark, tmp_path):
+    """The nightly holds out its last hour: the rebase must replay it, with everything after its cutoff.
+
+    Then the live state is restored to an earlier version of the same generation (docs/operations.md): it lacks a
+    batch its guards count as applied, so the next batch rebuilds it from the priors as a rebase does.
+    """
+    truth = generate(stream_spec(events=2700, slices=9, seed=32), tmp_path / "stream")
     files = sorted(truth.landing.glob("part-*"))
     config = config_for(tmp_path, "nightly.holdout_hours=1", "nightly.passes=1")
     store = open_store(spark, config.storage)
     updater = NearlineUpdater(config)
     update_on_files(spark, updater, files[:6])
     assert run_nightly(spark, store, config).status == "published"
-    update_on_files(spark, updater, files[6:], first_batch_id=6)
+    update_on_files(spark, updater, files[6:7], first_batch_id=6)
+    rebased = store.version("re_state")
+    update_on_files(spark, updater, files[7:8], first_batch_id=7)
     (rebase,) = store.read("metrics").where("job = 'nearline' AND status = 'rebased'").collect()
     assert rebase["values"]["replayed_batches"] >= 1
     assert learnt_once(store, config) == {}
+
+    DeltaTable(store.location("re_state")).restore(rebased)  # batch 7 is no longer in the state
+    update_on_files(spark, updater, files[8:], first_batch_id=8)
+    statuses = [row.status for row in store.read("metrics").where("job = 'nearline'").orderBy("batch_id").collect()]
+    assert statuses[6:] == ["rebased", "updated", "rebased"]
+    assert learnt_once(store, config) == {}
+
+
+def test_a_restored_state_without_a_generation_to_rebuild_it_from_is_refused(spark, tmp_path):
+    truth = generate(stream_spec(events=600, slices=3, seed=35), tmp_path / "stream")
+    files = sorted(truth.landing.glob("part-*"))
+    config = config_for(tmp_path)
+    store = open_store(spark, config.storage)
+    update_on_files(spark, NearlineUpdater(config), files[:1])
+    first = store.version("re_state")
+    update_on_files(spark, NearlineUpdater(config), files[1:2], first_batch_id=1)
+    DeltaTable(store.location("re_state")).restore(first)
+    with pytest.raises(StateRestoredError, match=r"'re_state' was restored to an earlier version .* no generation"):
+        update_on_files(spark, NearlineUpdater(config), files[2:], first_batch_id=2)
+    assert store.read("metrics").where("job = 'nearline'").count() == 2
 
 
 def test_a_batch_appended_but_not_merged_before_a_publication_is_counted_once(spark, tmp_path):
