@@ -46,15 +46,14 @@ def validate(
         return {}, True, "no hold-out rows to validate on"
     measured = holdout_metrics(config, rows, "fixed_only", "score_fixed")
     measured |= holdout_metrics(config, rows, "full", "score")
-    if current is None:
-        publishing, reason = True, "first generation"
-    else:
+    if current is not None:
         measured |= holdout_metrics(config, rows, "current", "score_current")
-        publishing, reason = _gate(config, {k: v for k, v in measured.items() if v is not None})
-    undefined = sorted(key for key, value in measured.items() if value is None)
+    computed = {key: value for key, value in measured.items() if value is not None}
+    publishing, reason = (True, "first generation") if current is None else _gate(config, computed)
+    undefined = sorted(measured.keys() - computed.keys())
     if undefined:
         reason += f"; not computable on this hold-out: {', '.join(undefined)}"
-    return {k: v for k, v in measured.items() if v is not None}, publishing, reason
+    return computed, publishing, reason
 
 
 def holdout_metrics(config: Config, rows: DataFrame, prefix: str, column: str) -> dict[str, float | None]:

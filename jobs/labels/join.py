@@ -195,7 +195,7 @@ def _rows(arrivals: DataFrame, state: DataFrame, config: Config, batch_id: int, 
         "CAST(NULL AS STRING) AS reason0",
     )
     reason0 = (
-        f"CASE WHEN _unacceptable IS NOT NULL THEN _unacceptable "
+        "CASE WHEN _unacceptable IS NOT NULL THEN _unacceptable "
         f"WHEN stream = '{IMPRESSION}' AND {_passed('unix_micros(time)', before.impressions)} THEN '{LATE_IMPRESSION}' "
         "END"
     )

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 
 from jobs.runtime.errors import ConcurrentRunError
-from jobs.storage.store import TableStore
+from jobs.storage.store import TableStore, utc_from_millis
 
 LOG = logging.getLogger("lambda_learner.lease")
 LEASES = StructType(
@@ -34,7 +34,6 @@ LEASES = StructType(
     ]
 )
 TABLE = "leases"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -102,22 +101,18 @@ class TableLease:
                 LOG.exception("renewing the %s lease failed", self.job)
 
     def _current(self) -> Holder | None:
-        # Epoch microseconds: PySpark hands timestamps back naive, in the driver's OS time zone.
+        # Epoch milliseconds: PySpark hands timestamps back naive, in the driver's OS time zone.
         rows = (
             self.store.read(TABLE)
             .where(F.col("job") == self.job)
-            .select("holder", "host", F.unix_micros("acquired_at"), F.unix_micros("expires_at"))
+            .select("holder", "host", F.unix_millis("acquired_at"), F.unix_millis("expires_at"))
             .collect()
         )
         if not rows:
             return None
         holder, host, acquired, expires = rows[0]
-        return Holder(holder, host, _from_micros(acquired), _from_micros(expires))
+        return Holder(holder, host, utc_from_millis(acquired), utc_from_millis(expires))
 
     def _write(self, now: datetime) -> None:
         row = (self.job, self.holder, socket.gethostname(), self._acquired_at, now + self.duration)
         self.store.merge(TABLE, self.store.spark.createDataFrame([row], LEASES), ["job"])
-
-
-def _from_micros(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
