@@ -42,7 +42,7 @@ from jobs.storage.schemas import RE_STATE, create_tables, metrics_row
 from jobs.storage.store import TableStore, open_store
 from jobs.streaming.runner import StoppableBatches, is_connect, run_until_stopped, start
 from jobs.streaming.sequence import DIRECT, BatchSequence
-from jobs.streaming.source import read_stream
+from jobs.streaming.source import batch_input, read_batches
 
 LOG = logging.getLogger("lambda_learner.nearline")
 QUERY_NAME = "lambda-learner-nearline"
@@ -95,7 +95,8 @@ class NearlineUpdater:
         seconds: dict[str, float] = {}
         crash_point("nearline:before_writes", batch_id)
         with timed("ingest", seconds):
-            ingested = ingest_batch(store, config, raw, batch_id, ticket.guard(app_id), ticket.ingested)
+            events = batch_input(raw, config.stream, typed_raw_schema(config.model))
+            ingested = ingest_batch(store, config, events, batch_id, ticket.guard(app_id), ticket.ingested)
         generation = self._current_generation(store)
         based_on, restored = state_generation(store, app_id)
         if restored is not None and generation is None:
@@ -123,6 +124,7 @@ class NearlineUpdater:
             "rows_in": float(ingested.valid + ingested.quarantined),
             "rows_valid": float(ingested.valid),
             "rows_quarantined": float(ingested.quarantined),
+            "files_unreadable": float(ingested.unreadable_files),
             **update.values,
         }
         status = "rebased" if rebase else "updated"
@@ -277,7 +279,7 @@ def run_nearline(spark: SparkSession, config: Config) -> None:
     query to be between triggers); on a classic session it runs here, wrapped so that a stop refuses new batches.
     """
     updater = NearlineUpdater(config, stream_id=None)
-    source = read_stream(spark, config.stream, typed_raw_schema(config.model))
+    source = read_batches(spark, config.stream, typed_raw_schema(config.model))
     if is_connect(spark):
         run_until_stopped(start(source, updater, config.stream, QUERY_NAME))
         return

@@ -2,7 +2,8 @@
 
 An event whose id the events table already holds (from an earlier batch, within the lookback) is
 quarantined as ``duplicate_event_id:batch <n>``, ``n`` the batch that had it first: a producer's retry
-or a file landed twice is learnt once.
+or a file landed twice is learnt once. A typed landing file the reader cannot read is one quarantine
+row, ``unreadable_file:<path>: <the reader's error>``, its path and size the payload.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
+from jobs.storage.landed import LandedFiles, UnreadableFile
 from jobs.storage.parsing import ClassifiedEvents, classify_events, split_events
 from jobs.storage.store import Guard, TableStore
 
@@ -31,24 +34,35 @@ class Ingested:
     quarantined: int
     first_event: datetime | None
     last_event: datetime | None
+    unreadable_files: int = 0  # counted in ``quarantined``, one row each
 
 
 def ingest_batch(
     store: TableStore,
     config: Config,
-    raw: DataFrame,
+    raw: DataFrame | LandedFiles,
     batch_id: int,
     guard: Guard | None = None,
     ingested: datetime | None = None,
 ) -> Ingested:
     """Append the batch's valid events and its rejected ones, at most once per ``batch_id``.
 
-    ``guard`` (default: the nearline job's, version ``batch_id``) is recorded with both writes,
-    the quarantine's first; ``ingested`` (default: now) is the time event times are judged against.
+    ``raw`` is the batch's raw events, or the typed landing files holding them. ``guard`` (default:
+    the nearline job's, version ``batch_id``) is recorded with both writes, the quarantine's first;
+    ``ingested`` (default: now) is the time event times are judged against.
     """
     guard = guard or Guard(config.nearline.app_id, batch_id)
     ingested = ingested or datetime.now(UTC)
-    classified = _seen_before(store, config, classify_events(raw, config.model, config.events, ingested), batch_id)
+
+    def classify(frame: DataFrame) -> ClassifiedEvents:
+        return classify_events(frame, config.model, config.events, ingested)
+
+    unreadable: list[UnreadableFile] = []
+    if isinstance(raw, LandedFiles):
+        events, unreadable = raw.parsed(classify)
+    else:
+        events = classify(raw)
+    classified = _seen_before(store, config, events, batch_id)
     parsed = split_events(classified, config.model, batch_id)
     totals = classified.agg(
         F.count("*").alias("all"),
@@ -56,11 +70,29 @@ def ingest_batch(
         F.min(F.when(F.col("reason").isNull(), F.col("event_time"))).alias("first"),
         F.max(F.when(F.col("reason").isNull(), F.col("event_time"))).alias("last"),
     ).first()
-    store.append("quarantine", parsed.rejected, guard=guard)
+    rejected = parsed.rejected
+    if unreadable:
+        rejected = rejected.unionByName(_unreadable_rows(store, unreadable, batch_id))
+    store.append("quarantine", rejected, guard=guard)
     facts = {ROWS: totals.valid, FIRST_EVENT: _millis(totals.first), LAST_EVENT: _millis(totals.last)}
     store.append("events", parsed.valid, guard=Guard(guard.app_id, guard.version, {**guard.facts, **facts}))
     crash_point("nearline:after_events_append", batch_id)
-    return Ingested(parsed.valid, totals.valid, totals.all - totals.valid, totals.first, totals.last)
+    quarantined = totals.all - totals.valid + len(unreadable)
+    return Ingested(parsed.valid, totals.valid, quarantined, totals.first, totals.last, len(unreadable))
+
+
+def _unreadable_rows(store: TableStore, files: list[UnreadableFile], batch_id: int) -> DataFrame:
+    """One quarantine row per file: its path and size as the payload, the reader's error in the reason."""
+    schema = StructType(
+        [StructField("path", StringType()), StructField("bytes", LongType()), StructField("reason", StringType())]
+    )
+    rows = [(file.path, file.bytes, f"unreadable_file:{file.path}: {file.error}") for file in files]
+    return store.spark.createDataFrame(rows, schema).select(
+        F.lit(batch_id).cast("long").alias("batch_id"),
+        F.to_json(F.struct("path", "bytes")).alias("payload"),
+        F.col("reason"),
+        F.current_timestamp().alias("quarantined_at"),
+    )
 
 
 def _seen_before(store: TableStore, config: Config, classified: ClassifiedEvents, batch_id: int) -> DataFrame:

@@ -7,6 +7,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from jobs.runtime.settings import StreamConfig
+from jobs.storage.landed import BINARY_FILE, FILE_COLUMNS, LandedFiles
 from jobs.storage.parsing import TEXT_COLUMN
 
 
@@ -38,3 +39,25 @@ def read_stream(spark: SparkSession, stream: StreamConfig, typed_schema: StructT
     if typed:
         reader = reader.schema(typed_schema)
     return reader.load(stream.path)
+
+
+def read_batches(spark: SparkSession, stream: StreamConfig, typed_schema: StructType) -> DataFrame:
+    """:func:`read_stream`, except that typed landing files come as their paths, read per batch (:func:`batch_input`).
+
+    A parquet file the reader cannot read then costs its own rows (quarantined whole), not the stream.
+    """
+    if not _landed_paths(stream):
+        return read_stream(spark, stream, typed_schema)
+    reader = spark.readStream.format("binaryFile").schema(BINARY_FILE)
+    if stream.max_files_per_trigger is not None:
+        reader = reader.option("maxFilesPerTrigger", stream.max_files_per_trigger)
+    return reader.options(**stream.options).load(stream.path).select(*FILE_COLUMNS)
+
+
+def batch_input(batch: DataFrame, stream: StreamConfig, typed_schema: StructType) -> DataFrame | LandedFiles:
+    """A micro-batch of :func:`read_batches` as the job parses it: the frame, or the typed landing files to read."""
+    return LandedFiles.of(batch, typed_schema) if _landed_paths(stream) else batch
+
+
+def _landed_paths(stream: StreamConfig) -> bool:
+    return stream.source == "files" and stream.format == "parquet"

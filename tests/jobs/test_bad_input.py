@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
 from jobs.game.fixed_effect import FixedEffectModel
 from jobs.game.validation import non_finite
-from jobs.nearline_update import NearlineUpdater
+from jobs.nearline_update import NearlineUpdater, run_nearline
 from jobs.nightly_retrain import run_nightly
 from jobs.runtime.errors import ConfigError
 from jobs.runtime.faults import CRASH_EXIT_CODE
 from jobs.simulate.writers import generate
 from jobs.storage.store import open_store
 from tests.jobs.jobrun import run_job, write_config
-from tests.jobs.streams import config_for, stream_spec, update_on_files
+from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,40 @@ def test_one_event_far_in_the_future_or_ancient_is_quarantined_and_cannot_move_t
     assert reasons == {"bad_event_time:after", "bad_event_time:before"}
     report = run_nightly(spark, store, config)
     assert report.status == "published" and report.training_rows == truth.events
+
+
+def test_a_landing_file_the_reader_cannot_read_is_quarantined_whole_and_the_stream_goes_on(spark, tmp_path):
+    truth = generate(stream_spec(events=900, slices=3, seed=43, format="parquet"), tmp_path / "stream")
+    landing = truth.landing
+    first = pq.read_table(sorted(landing.glob("part-*"))[0])
+    # The producer's schema drifted: member ids written as INT64, then event times as text.
+    drifted = first.set_column(first.schema.get_field_index("member_id"), "member_id", pa.array(range(len(first))))
+    pq.write_table(drifted, landing / "part-00000-drifted-id.parquet")
+    as_text = first.column("event_time").cast(pa.string())
+    pq.write_table(first.set_column(1, "event_time", as_text), landing / "part-00001-drifted-time.parquet")
+    (landing / "part-00002-truncated.parquet").write_bytes(b"PAR1 cut short")
+    config = stream_config(tmp_path, landing, "stream.format=parquet", "stream.max_files_per_trigger=2")
+
+    run_nearline(spark, config)
+
+    store = open_store(spark, config.storage)
+    assert store.read("events").count() == truth.events
+    quarantined = store.read("quarantine").where("reason LIKE 'unreadable_file:%'").collect()
+    by_file = {json.loads(row.payload)["path"].rsplit("/", 1)[1]: row.reason for row in quarantined}
+    assert sorted(by_file) == [
+        "part-00000-drifted-id.parquet",
+        "part-00001-drifted-time.parquet",
+        "part-00002-truncated.parquet",
+    ]
+    drifted_id = by_file["part-00000-drifted-id.parquet"]
+    assert "[member_id]" in drifted_id and "INT64" in drifted_id
+    assert "[event_time]" in by_file["part-00001-drifted-time.parquet"]
+    assert "is not a Parquet file" in by_file["part-00002-truncated.parquet"]
+    assert all(json.loads(row.payload)["bytes"] > 0 for row in quarantined)
+    batches = store.read("metrics").where("job = 'nearline'").collect()
+    assert sum(row["values"]["files_unreadable"] for row in batches) == 3
+    assert sum(row["values"]["rows_quarantined"] for row in batches) == 3
+    assert sum(row["values"]["rows_valid"] for row in batches) == truth.events
 
 
 def test_every_nightly_outcome_has_one_metrics_row_and_a_rerun_adds_none(spark, stream, tmp_path):
