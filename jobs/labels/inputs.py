@@ -41,6 +41,7 @@ def stream_settings(stream: LabelJoinStream, join: LabelJoinConfig) -> StreamCon
         checkpoint=join.checkpoint,
         max_files_per_trigger=stream.max_files_per_trigger,
         max_offsets_per_trigger=stream.max_offsets_per_trigger,
+        max_bytes_per_trigger=stream.max_bytes_per_trigger,
     )
 
 

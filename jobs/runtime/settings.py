@@ -126,6 +126,8 @@ class StreamConfig:
     # Rate limits: after an outage a backlog becomes several bounded batches, not one that fails at every restart.
     max_files_per_trigger: int | None = _checked(100, AT_LEAST_ONE)
     max_offsets_per_trigger: int | None = _checked(100_000, AT_LEAST_ONE)
+    # A bound by size (files, Auto Loader, Delta): a few huge files are not one huge batch.
+    max_bytes_per_trigger: int | None = _checked(None, AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ class LabelJoinStream:
     options: Mapping[str, str] = field(default_factory=dict)
     max_files_per_trigger: int | None = _checked(100, AT_LEAST_ONE)
     max_offsets_per_trigger: int | None = _checked(100_000, AT_LEAST_ONE)
+    max_bytes_per_trigger: int | None = _checked(None, AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,7 @@ def _check_consistency(config: Config) -> None:
         )
     if config.stream.source == "kafka" and "kafka.bootstrap.servers" not in config.stream.options:
         raise ConfigError("config key 'stream.options' must set kafka.bootstrap.servers when stream.source is kafka")
+    _check_byte_bound("stream", config.stream)
     _check_columns(config)
     if config.nearline.app_id == config.nightly.app_id:
         # The nightly's guard versions on the metrics table would swallow the nearline job's rows.
@@ -423,6 +427,7 @@ def _check_label_join(config: Config) -> None:
             raise ConfigError(
                 f"config key 'label_join.{name}.options' must set kafka.bootstrap.servers when its source is kafka"
             )
+        _check_byte_bound(f"label_join.{name}", stream)
     largest = max([1.0 / join.negative_sampling_rate, *(kind.weight for kind in join.feedback)])
     if largest > config.events.max_weight:
         raise ConfigError(
@@ -450,3 +455,11 @@ def _scalar_text(value: Any) -> str:
 
 def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
+
+
+def _check_byte_bound(key: str, stream: StreamConfig | LabelJoinStream) -> None:
+    if stream.source == "kafka" and stream.max_bytes_per_trigger is not None:
+        raise ConfigError(
+            f"config key '{key}.max_bytes_per_trigger' does not apply to a kafka source, which bounds a batch by "
+            f"messages: set {key}.max_offsets_per_trigger instead"
+        )

@@ -15,18 +15,10 @@ def read_stream(spark: SparkSession, stream: StreamConfig, typed_schema: StructT
     """The configured source as a streaming frame: JSON text in a ``value`` column, or typed columns.
 
     ``typed_schema`` is what typed files (parquet) hold. Every source is rate limited by default
-    (``stream.max_files_per_trigger``, ``stream.max_offsets_per_trigger`` for Kafka).
+    (``stream.max_files_per_trigger``, ``stream.max_offsets_per_trigger`` for Kafka), and by size
+    if ``stream.max_bytes_per_trigger`` is set.
     """
-    reader = spark.readStream
-    # The rate limit each source knows; settings in stream.options win.
-    limits = {
-        "kafka": ("maxOffsetsPerTrigger", stream.max_offsets_per_trigger),
-        "autoloader": ("cloudFiles.maxFilesPerTrigger", stream.max_files_per_trigger),
-    }
-    name, limit = limits.get(stream.source, ("maxFilesPerTrigger", stream.max_files_per_trigger))
-    if limit is not None:
-        reader = reader.option(name, limit)
-    reader = reader.options(**stream.options)
+    reader = spark.readStream.options(**_rate_limits(stream)).options(**stream.options)
     if stream.source == "kafka":
         return reader.format("kafka").load().select(F.col("value").cast("string").alias(TEXT_COLUMN))
     if stream.source == "delta":
@@ -49,14 +41,34 @@ def read_batches(spark: SparkSession, stream: StreamConfig, typed_schema: Struct
     if not _landed_paths(stream):
         return read_stream(spark, stream, typed_schema)
     reader = spark.readStream.format("binaryFile").schema(BINARY_FILE)
-    if stream.max_files_per_trigger is not None:
-        reader = reader.option("maxFilesPerTrigger", stream.max_files_per_trigger)
-    return reader.options(**stream.options).load(stream.path).select(*FILE_COLUMNS)
+    return reader.options(**_rate_limits(stream)).options(**stream.options).load(stream.path).select(*FILE_COLUMNS)
 
 
 def batch_input(batch: DataFrame, stream: StreamConfig, typed_schema: StructType) -> DataFrame | LandedFiles:
     """A micro-batch of :func:`read_batches` as the job parses it: the frame, or the typed landing files to read."""
     return LandedFiles.of(batch, typed_schema) if _landed_paths(stream) else batch
+
+
+def _rate_limits(stream: StreamConfig) -> dict[str, str]:
+    """The source's options bounding a batch (settings in ``stream.options`` win, being set after)."""
+    if stream.source == "kafka":
+        limits = {"maxOffsetsPerTrigger": stream.max_offsets_per_trigger}
+    elif stream.source == "autoloader":
+        limits = {
+            "cloudFiles.maxFilesPerTrigger": stream.max_files_per_trigger,
+            "cloudFiles.maxBytesPerTrigger": stream.max_bytes_per_trigger,
+        }
+    elif stream.source == "delta":
+        limits = {
+            "maxFilesPerTrigger": stream.max_files_per_trigger,
+            "maxBytesPerTrigger": stream.max_bytes_per_trigger,
+        }
+    elif stream.max_bytes_per_trigger is not None:
+        # Spark's file source refuses both bounds at once: the size bound replaces the count.
+        limits = {"maxBytesPerTrigger": stream.max_bytes_per_trigger}
+    else:
+        limits = {"maxFilesPerTrigger": stream.max_files_per_trigger}
+    return {name: str(limit) for name, limit in limits.items() if limit is not None}
 
 
 def _landed_paths(stream: StreamConfig) -> bool:

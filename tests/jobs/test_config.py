@@ -103,6 +103,12 @@ def test_a_bad_key_or_value_is_refused_with_one_message_naming_it(override, mess
     assert "\n" not in str(refused.value)
 
 
+def test_a_size_bound_on_a_kafka_source_is_refused_with_the_key_that_bounds_it():
+    kafka = ["stream.source=kafka", "stream.options={kafka.bootstrap.servers: broker:9092, subscribe: events}"]
+    with pytest.raises(ConfigError, match=r"'stream.max_bytes_per_trigger' does not apply to a kafka source.*offsets"):
+        load_config(CONF_DIR / "local.yaml", [*kafka, "stream.max_bytes_per_trigger=1000000"])
+
+
 def test_a_required_key_is_named(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  random_effects:\n    - {name: per_ad, feature_bag: ad}\n")

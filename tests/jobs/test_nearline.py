@@ -287,6 +287,19 @@ def test_a_backlog_after_a_stop_is_processed_as_bounded_batches(spark, tmp_path)
     assert store.read("events").count() == truth.events
 
 
+def test_a_size_bound_makes_batches_of_at_most_that_many_bytes(spark, tmp_path):
+    """``stream.max_bytes_per_trigger``: files of one size, a bound of two and a half of them: two files a batch."""
+    truth = generate(stream_spec(events=1200, slices=6, seed=19), tmp_path / "stream")
+    sizes = [path.stat().st_size for path in sorted(truth.landing.glob("part-*"))]
+    bound = int(2.5 * max(sizes))
+    assert 2 * max(sizes) <= bound < 3 * min(sizes)
+    config = stream_config(tmp_path, truth.landing, f"stream.max_bytes_per_trigger={bound}")
+    store = run_stream(spark, config)
+    batches = store.read("metrics").where("job = 'nearline'").orderBy("batch_id").collect()
+    assert [int(row["values"]["rows_in"]) for row in batches] == [400, 400, 400]
+    assert store.read("events").count() == truth.events
+
+
 def test_a_small_batch_updated_on_the_driver_gives_the_executors_coefficients_bit_for_bit(spark, tmp_path):
     """``nearline.driver_max_rows``: the same kernels on the same buckets, so the same doubles in the state."""
     truth = generate(
