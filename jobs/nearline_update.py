@@ -36,12 +36,12 @@ from jobs.runtime.faults import crash_point
 from jobs.runtime.settings import Config
 from jobs.runtime.timing import timed
 from jobs.storage.delta_rs import DeltaRsStore
-from jobs.storage.ingest import ingest_batch
+from jobs.storage.ingest import Ingested, ingest_batch
 from jobs.storage.parsing import typed_raw_schema
 from jobs.storage.schemas import RE_STATE, create_tables, metrics_row
 from jobs.storage.store import TableStore, open_store
 from jobs.streaming.runner import StoppableBatches, is_connect, run_until_stopped, start
-from jobs.streaming.sequence import DIRECT, BatchSequence
+from jobs.streaming.sequence import DIRECT, BatchSequence, BatchTicket
 from jobs.streaming.source import batch_input, read_batches
 
 LOG = logging.getLogger("lambda_learner.nearline")
@@ -63,7 +63,14 @@ class NearlineUpdater:
     def __init__(self, config: Config, stream_id: str | None = DIRECT):
         self.config = config
         self.sequence = BatchSequence(
-            config.nearline.app_id, "nearline.app_id", LEDGER, LAST_WRITE, config.stream.checkpoint, stream_id=stream_id
+            config.nearline.app_id,
+            "nearline.app_id",
+            LEDGER,
+            LAST_WRITE,
+            config.stream.checkpoint,
+            stream_id=stream_id,
+            lost_setting="nearline.finish_lost_batch",
+            lost_batch=config.nearline.finish_lost_batch,
         )
         self._created = False
         # The current generation as of a version of the fixed_effect table: read again when the table changes.
@@ -88,6 +95,8 @@ class NearlineUpdater:
         config, store = self.config, self.store(raw.sparkSession)
         ticket = self.sequence.ticket(store, stream_batch_id)
         batch_id, app_id = ticket.sequence, config.nearline.app_id
+        if ticket.unfinished is not None:
+            self._finish_from_tables(store, ticket.unfinished, ticket.stream_id)
         if store.applied(LAST_WRITE, ticket.guard(app_id)):
             # The state write is the batch's last: a replay after it has nothing left to do.
             LOG.info("batch %d was applied before a restart; nothing to do", batch_id)
@@ -97,6 +106,14 @@ class NearlineUpdater:
         with timed("ingest", seconds):
             events = batch_input(raw, config.stream, typed_raw_schema(config.model))
             ingested = ingest_batch(store, config, events, batch_id, ticket.guard(app_id), ticket.ingested)
+        return self._apply(store, ticket, ingested, seconds, None)
+
+    def _apply(
+        self, store: TableStore, ticket: BatchTicket, ingested: Ingested, seconds: dict[str, float], note: str | None
+    ) -> dict[str, float]:
+        """Update the state on a batch's ingested events; write the batch's metrics, then its state."""
+        config = self.config
+        batch_id, app_id = ticket.sequence, config.nearline.app_id
         generation = self._current_generation(store)
         based_on, restored = state_generation(store, app_id)
         if restored is not None and generation is None:
@@ -132,7 +149,7 @@ class NearlineUpdater:
         with timed("write", seconds):
             values |= {f"seconds.{step}": value for step, value in seconds.items()}
             run_id = f"{ticket.stream_id}/{ticket.stream_batch_id}"
-            row = metrics_row(store.spark, "nearline", run_id, batch_id, number, status, values, None)
+            row = metrics_row(store.spark, "nearline", run_id, batch_id, number, status, values, note)
             store.append("metrics", row, guard=ticket.guard(app_id))
             crash_point("nearline:after_metrics", batch_id)
             guard = ticket.guard(app_id, generation=number)
@@ -155,6 +172,23 @@ class NearlineUpdater:
             sum(seconds.values()),
         )
         return values
+
+    def _finish_from_tables(self, store: TableStore, lost: BatchTicket, stream_id: str) -> None:
+        """A half-written batch of a lost checkpoint, finished as its own stream's replay would have finished it.
+
+        Its events are the ones it appended (none if it stopped before appending them: the source read
+        again brings those), its quarantine rows stay as they are; its metrics row notes who finished it.
+        """
+        app_id = self.config.nearline.app_id
+        if store.applied(LAST_WRITE, lost.guard(app_id)):
+            return
+        number = lost.sequence
+        events = store.read("events", where=f"batch_id = {number}").localCheckpoint(eager=True)
+        quarantined = store.read("quarantine", where=f"batch_id = {number}").count()
+        ingested = Ingested(events, events.count(), quarantined, None, None)
+        note = f"finished from the tables by stream {stream_id}: the checkpoint of stream {lost.stream_id} was lost"
+        LOG.warning("batch %d: %d appended events, %d quarantined; %s", number, ingested.valid, quarantined, note)
+        self._apply(store, lost, ingested, {}, note)
 
     def _current_generation(self, store: TableStore) -> Generation | None:
         version = store.version("fixed_effect")

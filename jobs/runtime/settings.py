@@ -168,6 +168,8 @@ class NearlineConfig(EntityGrouping):
     # A batch of at most this many valid events is updated on the driver (the same kernels, the same groups):
     # below it, Spark's per-job cost is most of a batch's time. 0: always on the executors.
     driver_max_rows: int = _checked(20_000, NON_NEGATIVE)
+    # The number of a batch begun by a stream whose checkpoint is lost: the starting stream finishes it from the tables.
+    finish_lost_batch: int | None = _checked(None, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ after a crash gets the number it had; a new batch, the next number.
 
 The first write of every batch (its ``ledger`` table) is where the numbers are looked up; its
 last write (its ``last`` table) tells whether a batch was finished. A new stream refuses to start
-while another stream's batch is half written: that batch can only be finished by its own stream
-(its checkpoint holds its data), and its number would be lost otherwise.
+while another stream's batch is half written: that batch is its own stream's to finish (its
+checkpoint holds its data). If that checkpoint is lost, the operator names the batch (the job's
+``lost_batch`` setting) and the new stream's first ticket carries it as ``unfinished``: the job
+finishes it from what the tables hold before its own batch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class BatchTicket:
     stream_batch_id: int
     sequence: int
     ingested: datetime
+    # A half-written batch of a stream whose checkpoint is lost, which this batch's job finishes first.
+    unfinished: BatchTicket | None = None
 
     def guard(self, app_id: str, **facts: object) -> Guard:
         """The guard of one of this batch's writes: the sequence number as version, the batch's identity as facts."""
@@ -57,14 +61,26 @@ class BatchSequence:
     """Hands out each micro-batch's ticket; remembers the last one it gave, so a lookup happens once per process.
 
     ``setting`` is the config key of ``app_id``, named when tables written under another app id are refused.
+    ``lost_batch`` (its config key ``lost_setting``; None where a job cannot finish a batch from its tables)
+    is the half-written batch of a lost checkpoint the operator lets this stream finish.
     """
 
     def __init__(
-        self, app_id: str, setting: str, ledger: str, last: str, checkpoint: str, stream_id: str | None = None
+        self,
+        app_id: str,
+        setting: str,
+        ledger: str,
+        last: str,
+        checkpoint: str,
+        stream_id: str | None = None,
+        *,
+        lost_setting: str | None = None,
+        lost_batch: int | None = None,
     ):
         self.app_id, self.setting, self.ledger, self.last = app_id, setting, ledger, last
         self.checkpoint = checkpoint
         self.stream_id = stream_id
+        self.lost_setting, self.lost_batch = lost_setting, lost_batch
         self._previous: BatchTicket | None = None
 
     def ticket(self, store: TableStore, stream_batch_id: int) -> BatchTicket:
@@ -95,10 +111,27 @@ class BatchSequence:
             return recorded
         finished = store.transaction_version(self.last, self.app_id)
         if recorded.stream_id != stream_id and (finished is None or finished < recorded.sequence):
+            if self.lost_setting is not None and self.lost_batch == recorded.sequence:
+                LOG.warning(
+                    "batch %d (batch %d of stream %s, whose checkpoint is lost) is finished by stream %s from the "
+                    "tables (%s)",
+                    recorded.sequence,
+                    recorded.stream_batch_id,
+                    recorded.stream_id,
+                    stream_id,
+                    self.lost_setting,
+                )
+                return BatchTicket(stream_id, stream_batch_id, recorded.sequence + 1, _now(), unfinished=recorded)
+            way_out = (
+                f"; if that checkpoint is lost, start this one with --set {self.lost_setting}={recorded.sequence}: "
+                "it finishes that batch from what the tables hold of it"
+                if self.lost_setting is not None
+                else ""
+            )
             raise HalfWrittenBatchError(
                 f"batch {recorded.sequence} (batch {recorded.stream_batch_id} of stream {recorded.stream_id}) was "
                 f"begun but not finished, and this is stream {stream_id}: start the job again with the checkpoint "
-                f"of stream {recorded.stream_id} so that it finishes that batch, then start this one "
+                f"of stream {recorded.stream_id} so that it finishes that batch, then start this one{way_out} "
                 "(docs/operations.md)"
             )
         if recorded.stream_id != stream_id:

@@ -93,7 +93,8 @@ def test_valid_events_round_trip(spark, model):
     (row,) = parsed.valid.collect()
     assert [(f.name, f.dataType) for f in parsed.valid.schema] == [(f.name, f.dataType) for f in events_schema(model)]
     assert row.event_id == "e1"
-    assert row.event_time == datetime(2026, 11, 1, 8, 0, 3)  # naive UTC, the session time zone
+    # PySpark hands timestamps over naive, in the OS time zone: read as such, it is the event's instant.
+    assert row.event_time.astimezone(UTC) == datetime(2026, 11, 1, 8, 0, 3, tzinfo=UTC)
     assert row.label == 0.0  # -1 is stored as the negative class 0
     assert row.weight == 1.0  # default weight
     assert (row.member_id, row.item_id, row.batch_id) == ("m1", "i1", 12)
@@ -174,7 +175,8 @@ def test_typed_input_from_parquet_follows_the_same_rules(spark, model, tmp_path)
     pq.write_table(pa.table(rows, schema=schema), tmp_path / "events.parquet")
     parsed = parse_events(spark.read.parquet(str(tmp_path)), model, 4, RULES, INGESTED)
     (valid,) = parsed.valid.collect()
-    assert (valid.event_id, valid.weight, valid.event_time) == ("p1", 1.0, datetime(2026, 11, 1, 8))
+    assert (valid.event_id, valid.weight) == ("p1", 1.0)
+    assert valid.event_time.astimezone(UTC) == datetime(2026, 11, 1, 8, tzinfo=UTC)
     assert [tuple(f) for f in valid.features_member] == [("m", "0", 1.0)]
     reasons = sorted(row.reason for row in parsed.rejected.collect())
     assert reasons == ["label_out_of_domain", "missing_event_id"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,14 +19,14 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from jobs.game.generation import current_generation
-from jobs.nearline_update import NearlineUpdater
+from jobs.nearline_update import NearlineUpdater, run_nearline
 from jobs.nightly_retrain import run_nightly
-from jobs.runtime.errors import ConcurrentRunError, ConfigError, StateRestoredError
+from jobs.runtime.errors import ConcurrentRunError, ConfigError, QueryFailedError, StateRestoredError
 from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
 from jobs.storage.lease import TableLease
 from jobs.storage.store import open_store
-from tests.jobs.jobrun import ROOT, run_job, write_config
+from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
 from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
 
 
@@ -89,6 +90,41 @@ def test_the_documented_backfill_with_its_own_checkpoint_loses_nothing(spark, tm
     assert learnt_once(store, config) == {}
     report = run_nightly(spark, store, config)
     assert report.status == "published" and report.cutoff_batch_id == batches[-1]
+
+
+def test_a_batch_half_written_under_a_lost_checkpoint_is_finished_from_the_tables_when_the_operator_names_it(
+    spark, tmp_path
+):
+    """docs/operations.md: the job is killed after appending batch 1's events and its checkpoint is lost. A new
+    stream is refused with the way out; started with it, it finishes batch 1 from the tables, reads the folder
+    again (what batches 0 and 1 learnt is quarantined as theirs) and ends where a run without the kill ends."""
+    truth = generate(stream_spec(events=1200, slices=4, seed=37), tmp_path / "stream")
+    config = stream_config(tmp_path, truth.landing)
+    killed = run_job("jobs.nearline_update", write_config(tmp_path, config), crash_at="nearline:after_events_append@1")
+    assert killed.returncode == CRASH_EXIT_CODE, killed.stderr[-3000:]
+    shutil.rmtree(config.stream.checkpoint)
+
+    with pytest.raises(QueryFailedError, match="begun but not finished") as refused:
+        run_nearline(spark, config)
+    assert "start this one with --set nearline.finish_lost_batch=1" in str(refused.value)
+    run_nearline(spark, stream_config(tmp_path, truth.landing, "nearline.finish_lost_batch=1"))
+
+    store = open_store(spark, config.storage)
+    events = store.read("events")
+    assert events.count() == events.select("event_id").distinct().count() == truth.events
+    assert learnt_once(store, config) == {}
+    (finished,) = store.read("metrics").where("job = 'nearline' AND batch_id = 1").collect()
+    assert finished.note.startswith("finished from the tables by stream") and finished["values"]["rows_valid"] == 300
+    duplicates = store.read("quarantine").where("reason LIKE 'duplicate_event_id:batch %'").groupBy("reason").count()
+    assert {row.reason: row["count"] for row in duplicates.collect()} == {
+        "duplicate_event_id:batch 0": 300,
+        "duplicate_event_id:batch 1": 300,
+    }
+    reference = stream_config(tmp_path / "reference", truth.landing)
+    run_nearline(spark, reference)
+    learnt = ["re_type", "entity_id", "coefficients", "updates", "rows"]
+    expected = rows(open_store(spark, reference.storage).read("re_state").select(*learnt), ["re_type", "entity_id"])
+    assert same_rows(rows(store.read("re_state").select(*learnt), ["re_type", "entity_id"]), expected, rel=1e-9)
 
 
 def test_a_rebase_counts_every_ingested_event_exactly_once_and_a_restored_state_is_rebuilt(spark, tmp_path):
