@@ -13,6 +13,7 @@ that is how the recorded versions are read back.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from jobs.runtime.errors import ConfigError
+from jobs.runtime.faults import crash_point
 from jobs.storage.store import (
     HISTORY_PAGES,
     TABLE_PROPERTIES,
@@ -35,6 +37,10 @@ from jobs.storage.store import (
     WriteMode,
     utc_from_millis,
 )
+
+# A SQL write takes its guard from session-wide settings: a write from another thread (a lease's renewal)
+# must not run while they are set, or it would commit under the guard. One SQL write at a time per process.
+SQL_WRITES = threading.RLock()
 
 
 class SparkDeltaStore(TableStore):
@@ -124,7 +130,8 @@ class SparkDeltaStore(TableStore):
         )
 
     def delete(self, name: str, where: str) -> None:
-        self.spark.sql(f"DELETE FROM {self.identifier(name)} WHERE {where}")
+        with SQL_WRITES:
+            self.spark.sql(f"DELETE FROM {self.identifier(name)} WHERE {where}")
 
     def _create(
         self, name: str, schema: StructType, partition_by: Sequence[str], properties: Mapping[str, str]
@@ -135,10 +142,11 @@ class SparkDeltaStore(TableStore):
         )
         partitioning = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partition_by)})" if partition_by else ""
         settings = ", ".join(f"'{key}' = '{value}'" for key, value in properties.items())
-        self.spark.sql(
-            f"CREATE TABLE IF NOT EXISTS {self.identifier(name)} ({columns}) USING DELTA{partitioning}"
-            + (f" TBLPROPERTIES ({settings})" if settings else "")
-        )
+        with SQL_WRITES:
+            self.spark.sql(
+                f"CREATE TABLE IF NOT EXISTS {self.identifier(name)} ({columns}) USING DELTA{partitioning}"
+                + (f" TBLPROPERTIES ({settings})" if settings else "")
+            )
 
     def _write(self, name: str, frame: DataFrame, mode: WriteMode, guard: Guard | None, where: str | None) -> None:
         columns = ", ".join(f"`{column}`" for column in self.schema(name).fieldNames())
@@ -162,21 +170,24 @@ class SparkDeltaStore(TableStore):
         """One SQL write of ``frame`` (a temporary view named in ``{source}``), under ``guard``.
 
         SQL writes take their transaction id and commit metadata from session settings, set for this
-        statement only. The same statements serve paths and catalog tables, classic and Connect sessions.
+        statement only (and no other SQL write of the process runs meanwhile). The same statements serve
+        paths and catalog tables, classic and Connect sessions.
         """
         view = f"lambda_learner_source_{uuid.uuid4().hex}"
         frame.createOrReplaceTempView(view)
         settings = {}
         if guard is not None:
             settings = {TXN_APP_ID: guard.app_id, TXN_VERSION: str(guard.version), USER_METADATA: guard.user_metadata()}
-        try:
-            for key, value in settings.items():
-                self.spark.conf.set(key, value)
-            self.spark.sql(statement.format(source=view))
-        finally:
-            for key in settings:
-                self.spark.conf.unset(key)
-            self.spark.catalog.dropTempView(view)
+        with SQL_WRITES:
+            try:
+                for key, value in settings.items():
+                    self.spark.conf.set(key, value)
+                crash_point("spark_delta:guard_set")
+                self.spark.sql(statement.format(source=view))
+            finally:
+                for key in settings:
+                    self.spark.conf.unset(key)
+                self.spark.catalog.dropTempView(view)
 
     def _history(self, name: str, limit: int | None) -> list[dict]:
         """Newest first: version, commit time in epoch milliseconds, operation, userMetadata."""

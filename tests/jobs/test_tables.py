@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -28,12 +30,13 @@ from pyspark.sql.types import (
 
 from jobs.runtime.cli import CONFIG_ERROR_EXIT_CODE
 from jobs.runtime.errors import ConfigError
+from jobs.runtime.faults import PAUSE_VARIABLE
 from jobs.runtime.jvm import ENV_VAR
 from jobs.runtime.session import delta_available
 from jobs.runtime.settings import StorageConfig
 from jobs.storage.delta_rs import DeltaRsStore
 from jobs.storage.spark_delta import SparkDeltaStore
-from jobs.storage.store import Guard, TableStore, open_store
+from jobs.storage.store import TXN_APP_ID, Guard, TableStore, open_store
 from tests.jobs.jobrun import ROOT
 
 SCORES = StructType(
@@ -392,6 +395,28 @@ class TestSparkDeltaStore(TableStoreContract):
     @pytest.fixture
     def store(self, spark, tmp_path):
         return SparkDeltaStore(spark, str(tmp_path / "tables"))
+
+    def test_a_write_from_another_thread_never_commits_under_a_guarded_write_s_settings(
+        self, store, spark, monkeypatch
+    ):
+        """A guarded SQL write sets its transaction in the session: a lease renewed meanwhile from another
+        thread, through the same session, must wait for it, not commit under that transaction."""
+        for name in ("scores", "leases"):
+            store.create(name, SCORES)
+        # Long enough for the other write to commit if it did not wait (Delta reads the settings at commit).
+        monkeypatch.setenv(PAUSE_VARIABLE, "spark_delta:guard_set=15")
+        guarded = threading.Thread(
+            target=store.append, args=("scores", scores(spark, ("a", 1, 0.1))), kwargs={"guard": Guard("app", 7)}
+        )
+        guarded.start()
+        while spark.conf.get(TXN_APP_ID, None) is None:  # the guarded write now holds its settings
+            time.sleep(0.01)
+        monkeypatch.delenv(PAUSE_VARIABLE)
+        store.merge("leases", scores(spark, ("nightly", 1, 0.0)), ["entity_id"])
+        guarded.join()
+        assert store.transaction_version("scores", "app") == 7
+        assert store.transaction_version("leases", "app") is None
+        assert store.last_guarded_commit("leases", "app") is None
 
 
 class TestSparkDeltaCatalogStore(TableStoreContract):
