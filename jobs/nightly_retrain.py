@@ -59,9 +59,9 @@ def run_nightly(
 ) -> NightlyReport:
     """One nightly run on the tables in ``store``; every outcome gets one metrics row (a failure too)."""
     create_tables(store, config.model, deletion_vectors=config.storage.deletion_vectors)
-    with TableLease(store, "nightly", config.nightly.lease_minutes):
+    with TableLease(store, "nightly", config.nightly.lease_minutes, config.nightly.lease_wait_minutes) as lease:
         try:
-            report = _train_and_publish(store, config, force_publish)
+            report = _train_and_publish(store, config, force_publish, lease)
         except Exception as error:
             # On-call sees the failure in the metrics too; a rerun is a new run with a row of its own.
             _record(store, config, NightlyReport("failed", reason=f"{type(error).__name__}: {error}"[:2000]))
@@ -70,7 +70,7 @@ def run_nightly(
     return report
 
 
-def _train_and_publish(store: TableStore, config: Config, force_publish: bool) -> NightlyReport:
+def _train_and_publish(store: TableStore, config: Config, force_publish: bool, lease: TableLease) -> NightlyReport:
     seconds: dict[str, float] = {}
     batches = ingested_batches(store, config.nearline.app_id)
     if not batches:
@@ -124,6 +124,7 @@ def _train_and_publish(store: TableStore, config: Config, force_publish: bool) -
     crash_point("nightly:before_publish")
     with timed("publish", seconds, LOG):
         if publishing:
+            lease.check()
             publish(store, config, number, cutoff, fixed_effect, models, report=asdict(report))
             LOG.info("published generation %d (cutoff batch %d)", number, cutoff)
     crash_point("nightly:after_publish")

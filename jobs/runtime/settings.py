@@ -184,6 +184,8 @@ class NightlyConfig(EntityGrouping):
     seed: int = 17
     # A run holds the tables for this long, renewed while it runs: how long a killed run blocks the next.
     lease_minutes: float = _checked(5.0, POSITIVE)
+    # How long a run waits for another's lease before it refuses (default: lease_minutes, so a retry outlasts a kill).
+    lease_wait_minutes: float | None = _checked(None, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ class DeltaRsStore(TableStore):
             table, arrow_data(table, frame), mode=mode, predicate=where, commit_properties=commit_properties(guard)
         )
 
-    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None) -> None:
+    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None, matched_if: str | None) -> None:
         from deltalake import write_deltalake
 
         table = self._table(name)
@@ -147,7 +147,7 @@ class DeltaRsStore(TableStore):
             return
         (
             table.merge(data, condition, source_alias="s", target_alias="t", commit_properties=commit_properties(guard))
-            .when_matched_update_all()
+            .when_matched_update_all(predicate=matched_if)
             .when_not_matched_insert_all()
             .execute()
         )

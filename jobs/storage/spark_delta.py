@@ -158,10 +158,11 @@ class SparkDeltaStore(TableStore):
             statement = f"INSERT INTO {self.identifier(name)} REPLACE WHERE {where} SELECT {columns} FROM {{source}}"
         self._guarded_sql(statement, frame, guard)
 
-    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None) -> None:
+    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None, matched_if: str | None) -> None:
+        matched = "WHEN MATCHED" if matched_if is None else f"WHEN MATCHED AND ({matched_if})"
         self._guarded_sql(
             f"MERGE INTO {self.identifier(name)} t USING {{source}} s ON {condition} "
-            "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
+            f"{matched} THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
             frame,
             guard,
         )

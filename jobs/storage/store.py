@@ -185,11 +185,21 @@ class TableStore(ABC):
         """
         return self._guarded_write(name, frame, "overwrite", guard, where)
 
-    def merge(self, name: str, frame: DataFrame, keys: Sequence[str], *, guard: Guard | None = None) -> bool:
+    def merge(
+        self,
+        name: str,
+        frame: DataFrame,
+        keys: Sequence[str],
+        *,
+        guard: Guard | None = None,
+        matched_if: str | None = None,
+    ) -> bool:
         """Upserts: rows matching on all ``keys`` get every column updated, the others are inserted.
 
-        ``frame`` must hold at most one row per key. False (and nothing written) if ``guard``
-        was already applied.
+        ``frame`` must hold at most one row per key. ``matched_if``, a SQL condition on the table's row
+        ``t`` (and the new row ``s``), limits the update to matching rows that hold it: a compare-and-set,
+        checked at commit (a row changed by a concurrent commit fails this one). False (and nothing
+        written) if ``guard`` was already applied.
         """
         self._check_columns(name, frame)
         missing = [key for key in keys if key not in frame.columns]
@@ -197,7 +207,7 @@ class TableStore(ABC):
             raise ValueError(f"merge into {name!r} needs key columns of the table; got {list(keys)}")
         if self.applied(name, guard):
             return False
-        self._merge(name, frame, merge_condition(keys), guard)
+        self._merge(name, frame, merge_condition(keys), guard, matched_if)
         return True
 
     @abstractmethod
@@ -258,7 +268,7 @@ class TableStore(ABC):
     def _write(self, name: str, frame: DataFrame, mode: WriteMode, guard: Guard | None, where: str | None) -> None: ...
 
     @abstractmethod
-    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None) -> None:
+    def _merge(self, name: str, frame: DataFrame, condition: str, guard: Guard | None, matched_if: str | None) -> None:
         """Merges with the target aliased ``t`` and the source ``s``."""
 
 

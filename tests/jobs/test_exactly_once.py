@@ -206,7 +206,13 @@ def test_a_repeated_event_id_in_a_later_batch_is_quarantined_with_the_batch_that
 
 def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark, tmp_path):
     truth = generate(stream_spec(events=900, slices=3, seed=35), tmp_path / "stream")
-    config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1", "nightly.lease_minutes=0.2")
+    config = config_for(
+        tmp_path,
+        "nightly.holdout_hours=0",
+        "nightly.passes=1",
+        "nightly.lease_minutes=0.2",
+        "nightly.lease_wait_minutes=0",
+    )
     store = open_store(spark, config.storage)
     update_on_files(spark, NearlineUpdater(config), sorted(truth.landing.glob("part-*")))
     # The lease is taken before training: the pause before publication only keeps the first run holding it well
@@ -234,6 +240,49 @@ def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark,
     assert set(priors.generation) == {1} and not priors.duplicated(["re_type", "entity_id"]).any()
     # Its lease released, the next run starts at once.
     assert run_nightly(spark, store, config).status == "already_published"
+
+
+def test_a_retry_right_after_a_killed_nightly_waits_for_its_lease_and_runs(spark, tmp_path, caplog):
+    """A scheduler retries a nightly run killed with its lease held: the retry waits, saying so, and publishes."""
+    truth = generate(stream_spec(events=900, slices=3, seed=36), tmp_path / "stream")
+    config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1", "nightly.lease_minutes=0.5")
+    store = open_store(spark, config.storage)
+    update_on_files(spark, NearlineUpdater(config), sorted(truth.landing.glob("part-*")))
+    killed = run_job("jobs.nightly_retrain", write_config(tmp_path, config), crash_at="nightly:before_publish")
+    assert killed.returncode == CRASH_EXIT_CODE, killed.stderr[-3000:]
+    assert store.read("leases").where("expires_at > current_timestamp()").count() == 1
+
+    with caplog.at_level("WARNING", logger="lambda_learner.lease"):
+        assert run_nightly(spark, store, config).status == "published"
+    assert any("holds these tables until" in message and "waiting" in message for message in caplog.messages)
+
+
+def test_two_nightly_runs_taking_an_expired_lease_at_once_end_with_one_holder(spark, tmp_path):
+    """Both read the lease free; the one that writes second finds the row changed, leaves it and is refused."""
+    config = config_for(tmp_path, "nightly.lease_minutes=1", "nightly.lease_wait_minutes=0")
+    store = open_store(spark, config.storage)
+    late = subprocess.Popen(
+        [sys.executable, "-m", "jobs.nightly_retrain", "--config", str(write_config(tmp_path, config))],
+        cwd=ROOT,
+        env={**os.environ, PAUSE_VARIABLE: "lease:nightly:before_take=25"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not store.exists("leases"):
+            assert time.monotonic() < deadline and late.poll() is None, late.communicate()[1][-3000:]
+            time.sleep(0.5)
+        time.sleep(5)  # the late run has read the lease free and waits to take it
+        with TableLease(store, "nightly", minutes=1, wait_minutes=0) as early:
+            _, stderr = late.communicate(timeout=300)
+            assert early.held()
+    finally:
+        if late.poll() is None:
+            late.kill()
+    assert late.returncode != 0
+    assert "another nightly run took the lease at the same time" in stderr
 
 
 def test_a_changed_app_id_is_refused_before_it_writes(spark, tmp_path):
