@@ -312,7 +312,7 @@ def test_the_lease_reads_its_times_as_utc_whatever_the_drivers_time_zone(spark, 
     try:
         store = open_store(spark, config_for(tmp_path).storage)
         with TableLease(store, "nightly", minutes=5), pytest.raises(ConcurrentRunError, match="holds these tables"):
-            TableLease(store, "nightly", minutes=5).__enter__()
+            TableLease(store, "nightly", minutes=5, wait_minutes=0).__enter__()
         with TableLease(store, "nightly", minutes=5) as second:  # released: taken again at once
             assert second.held()
     finally:
