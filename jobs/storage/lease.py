@@ -85,6 +85,7 @@ class TableLease:
             raise ConcurrentRunError(f"another {self.job} run took the lease at the same time")
         self._renewal = threading.Thread(target=self._renew, name=f"{self.job}-lease", daemon=True)
         self._renewal.start()
+        crash_point(f"lease:{self.job}:taken")
         LOG.info("%s lease taken by %s until %s", self.job, self.holder, (now + self.duration).isoformat())
         return self
 

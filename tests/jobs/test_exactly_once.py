@@ -243,17 +243,15 @@ def test_a_second_nightly_run_is_refused_while_the_first_holds_the_tables(spark,
 
 
 def test_a_retry_right_after_a_killed_nightly_waits_for_its_lease_and_runs(spark, tmp_path, caplog):
-    """A scheduler retries a nightly run killed with its lease held: the retry waits, saying so, and publishes."""
-    truth = generate(stream_spec(events=900, slices=3, seed=36), tmp_path / "stream")
-    config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1", "nightly.lease_minutes=0.5")
-    store = open_store(spark, config.storage)
-    update_on_files(spark, NearlineUpdater(config), sorted(truth.landing.glob("part-*")))
-    killed = run_job("jobs.nightly_retrain", write_config(tmp_path, config), crash_at="nightly:before_publish")
+    """A scheduler retries a nightly run killed with its lease held: the retry waits, saying so, then runs."""
+    config = config_for(tmp_path, "nightly.lease_minutes=0.5")
+    killed = run_job("jobs.nightly_retrain", write_config(tmp_path, config), crash_at="lease:nightly:taken")
     assert killed.returncode == CRASH_EXIT_CODE, killed.stderr[-3000:]
+    store = open_store(spark, config.storage)
     assert store.read("leases").where("expires_at > current_timestamp()").count() == 1
 
     with caplog.at_level("WARNING", logger="lambda_learner.lease"):
-        assert run_nightly(spark, store, config).status == "published"
+        assert run_nightly(spark, store, config).status == "empty_window"
     assert any("holds these tables until" in message and "waiting" in message for message in caplog.messages)
 
 
@@ -264,7 +262,7 @@ def test_two_nightly_runs_taking_an_expired_lease_at_once_end_with_one_holder(sp
     late = subprocess.Popen(
         [sys.executable, "-m", "jobs.nightly_retrain", "--config", str(write_config(tmp_path, config))],
         cwd=ROOT,
-        env={**os.environ, PAUSE_VARIABLE: "lease:nightly:before_take=25"},
+        env={**os.environ, PAUSE_VARIABLE: "lease:nightly:before_take=15"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
