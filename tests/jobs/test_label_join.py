@@ -34,8 +34,6 @@ from tests.jobs.jobrun import rows, run_job, same_rows, write_config
 from tests.jobs.streams import config_for, stream_spec
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
-# Spark hands timestamps back as naive datetimes in the session's zone (UTC).
-NAIVE_START = START.replace(tzinfo=None)
 WINDOW, LATENESS = 15.0, 2.0
 # Wall-clock columns beside those jobrun.rows leaves out.
 LABELLED_AT = "labelled_at"
@@ -127,6 +125,11 @@ HAND_QUARANTINED = [
 ]
 
 
+def instant(collected: datetime) -> datetime:
+    """A timestamp as PySpark collects it (naive, in the OS time zone) as the aware UTC instant it is."""
+    return collected.astimezone(UTC)
+
+
 def test_every_case_of_the_join_by_hand(spark, tmp_path):
     started = datetime.now(UTC)
     config = config_for(tmp_path, "storage.backend=delta-rs", *HAND_SETTINGS)
@@ -141,9 +144,9 @@ def test_every_case_of_the_join_by_hand(spark, tmp_path):
     assert sorted(got, key=lambda r: (r[4], r[0])) == sorted(HAND_LABELLED, key=lambda r: (r[4], r[0]))
     assert all(r.member_id == "member-1" and r.features["global"][0].value == 0.5 for r in labelled)
     (i8,) = [r for r in labelled if r.event_id == "i8"]
-    assert (i8.event_time, i8.feedback_time) == (
-        NAIVE_START + timedelta(minutes=3.8),
-        NAIVE_START + timedelta(minutes=4),
+    assert (instant(i8.event_time), instant(i8.feedback_time)) == (
+        START + timedelta(minutes=3.8),
+        START + timedelta(minutes=4),
     )
 
     quarantined = []
@@ -167,9 +170,9 @@ def test_every_case_of_the_join_by_hand(spark, tmp_path):
     assert (pending, remembered) == ({"i12", "i13"}, {"i4", "i10"})
     assert state.where("record = 'click'").count() == 0
     (marks,) = state.where("record = 'watermarks'").collect()
-    assert (marks.impressions_watermark, marks.clicks_watermark) == (
-        NAIVE_START + timedelta(minutes=98),
-        NAIVE_START + timedelta(minutes=78),
+    assert (instant(marks.impressions_watermark), instant(marks.clicks_watermark)) == (
+        START + timedelta(minutes=98),
+        START + timedelta(minutes=78),
     )
     figures = store.read(join.metrics_table).orderBy("batch_id").collect()
     assert [f["values"]["quarantined"] for f in figures] == [8, 4, 3, 0, 4]
