@@ -11,8 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from deltalake import DeltaTable
@@ -24,7 +26,7 @@ from jobs.nightly_retrain import run_nightly
 from jobs.runtime.errors import ConcurrentRunError, ConfigError, QueryFailedError, StateRestoredError
 from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
-from jobs.storage.lease import TableLease
+from jobs.storage.lease import LEASES, TableLease
 from jobs.storage.store import open_store
 from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
 from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
@@ -335,3 +337,34 @@ def test_duplicate_priors_of_a_generation_do_not_stop_the_nearline_job(spark, tm
     state = store.read("re_state").toPandas()
     assert not state.duplicated(["re_type", "entity_id"]).any()
     assert learnt_once(store, config) == {}
+
+
+def test_a_nightly_run_whose_lease_another_run_took_stops_before_it_publishes(spark, tmp_path, monkeypatch):
+    """Its renewals failed past the lease's end and another run took the lease: it must not publish."""
+    truth = generate(stream_spec(events=900, slices=3, seed=38), tmp_path / "stream")
+    config = config_for(tmp_path, "nightly.holdout_hours=0", "nightly.passes=1", "nightly.lease_minutes=1")
+    store = open_store(spark, config.storage)
+    update_on_files(spark, NearlineUpdater(config), sorted(truth.landing.glob("part-*")))
+    monkeypatch.setenv(PAUSE_VARIABLE, "nightly:before_publish=5")
+    outcome: dict[str, BaseException] = {}
+
+    def nightly() -> None:
+        try:
+            run_nightly(spark, store, config)
+        except BaseException as error:  # the outcome this test looks at
+            outcome["error"] = error
+
+    run = threading.Thread(target=nightly)
+    run.start()
+    while not (store.exists("leases") and store.read("leases").where("expires_at > current_timestamp()").count()):
+        assert run.is_alive(), outcome
+        time.sleep(0.2)
+    now = datetime.now(UTC)
+    taken = spark.createDataFrame([("nightly", "another-run", "elsewhere", now, now + timedelta(minutes=5))], LEASES)
+    store.merge("leases", taken, ["job"])
+    run.join()
+    assert isinstance(outcome.get("error"), ConcurrentRunError), outcome
+    assert "lost its lease on these tables, now held by holder another-run" in str(outcome["error"])
+    assert store.read("fixed_effect").count() == 0 and store.read("re_priors").count() == 0
+    (failed,) = store.read("metrics").where("job = 'nightly'").collect()
+    assert failed.status == "failed" and "lost its lease" in failed.note
