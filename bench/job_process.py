@@ -7,7 +7,9 @@ conf/local.yaml: delta-rs) in fresh processes, one per variant per
 round, the variants interleaved round by round. A variant is a list of ``--set`` overrides (settings of the
 Spark session, JVM options among them). Per process: the wall time, the time before the first batch ended,
 each batch's seconds (from the job's log) and, sampled from ``/proc`` (Linux) while it runs, the JVM's CPU
-seconds by thread kind: the JIT compilers (C2, C1), the garbage collector, and everything else.
+seconds by thread kind: the JIT compilers (C2, C1), the garbage collector, and everything else. The "class archive"
+variant loads the classes from the CDS archive the tests use (tests/services/class_archive.py; built first if
+missing).
 
     python bench/job_process.py [--rounds 3 --files 6 --events 1800]
 """
@@ -30,16 +32,20 @@ from pathlib import Path
 import yaml
 from common import ROOT
 
+sys.path.insert(0, str(ROOT))  # the tests' class archive (tests/services/class_archive.py)
+
 from jobs.runtime.config import load_config
 from jobs.runtime.settings import config_to_dict
 from jobs.simulate.spec import RandomEffectSpec, StreamSpec
 from jobs.simulate.writers import generate
+from tests.services.class_archive import archive_options, class_archive
 
 JVM_OPTIONS = "spark.conf.spark.driver.extraJavaOptions"
 VARIANTS: dict[str, tuple[str, ...]] = {
     "as shipped": (),
     "C1 compiler only": (f"{JVM_OPTIONS}=-XX:TieredStopAtLevel=1",),
     "no whole-stage codegen": ("spark.conf.spark.sql.codegen.wholeStage=false",),
+    "class archive": (f"{JVM_OPTIONS}={archive_options(class_archive())}",),
 }
 BATCH_LINE = re.compile(r"lambda_learner\.nearline batch \d+ .*, ([0-9.]+) s$")
 THREAD_KINDS = (("C2", "C2 CompilerThre"), ("C1", "C1 CompilerThre"), ("GC", "G1 "), ("GC", "GC Thread"))

@@ -1,6 +1,7 @@
 """One local Spark session for the whole test run (starting one takes seconds), with Spark's Delta Lake in it."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -28,6 +29,10 @@ def pytest_sessionstart(session):
     ]
     if missing:
         raise pytest.UsageError("the tests need: " + "; ".join(missing))
+    from tests.services.class_archive import archive_options, class_archive
+
+    # Every JVM the tests start, this process's session and each job process's, loads the classes pre-parsed.
+    os.environ["JDK_JAVA_OPTIONS"] = archive_options(class_archive())
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -44,41 +43,44 @@ def run_stream(spark, config: Config):
 ENGINES = ["delta-rs", "spark-delta"]
 # Where the killed runs die, one batch after another: every crash point on one engine each (the skip-on-replay
 # logic is the job's, and both engines' guarded writes pass the same store contract tests, tests/jobs/test_tables.py).
-# Each engine's killed chain ends in the tables of its own uninterrupted run.
 KILLS = {
     "delta-rs": ["nearline:before_writes@1", "nearline:after_metrics@3"],
     "spark-delta": ["nearline:after_events_append@2", "nearline:after_state_merge@4"],
 }
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_a_job_killed_between_its_writes_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path, engine):
+def test_a_job_killed_between_its_writes_ends_in_the_tables_of_an_uninterrupted_run(spark, tmp_path):
+    """On both engines at once (each a chain of real processes, killed then restarted), against one uninterrupted
+    run in this process: the killed chains end in its tables, row for row, whatever the engine."""
     truth = generate(
         stream_spec(events=1800, slices=6, bad_event_rate=0.05, new_entity_rate=0.03, drift=0.1), tmp_path / "stream"
     )
-    backend = f"storage.backend={engine}"
-    reference_config = stream_config(tmp_path / "reference", truth.landing, backend)
-    reference = write_config(tmp_path / "reference", reference_config)
-    crashed_config = stream_config(tmp_path / "crashed", truth.landing, backend)
-    crashed = write_config(tmp_path / "crashed", crashed_config)
+    chains: dict[str, list[subprocess.CompletedProcess]] = {}
 
-    # The uninterrupted run beside the chain of killed ones: much of each process is a JVM starting.
-    with ThreadPoolExecutor(max_workers=1) as beside:
-        uninterrupted = beside.submit(run_job, "jobs.nearline_update", reference)
-        for point in KILLS[engine]:
-            killed = run_job("jobs.nearline_update", crashed, crash_at=point)
-            assert killed.returncode == CRASH_EXIT_CODE, (point, killed.stderr[-3000:])
-        restarted = run_job("jobs.nearline_update", crashed)
-        assert restarted.returncode == 0, restarted.stderr[-3000:]
-        finished = uninterrupted.result()
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    def killed_and_restarted(engine: str) -> None:
+        path = write_config(
+            tmp_path / engine, stream_config(tmp_path / engine, truth.landing, f"storage.backend={engine}")
+        )
+        chains[engine] = [run_job("jobs.nearline_update", path, crash_at=point) for point in KILLS[engine]]
+        chains[engine].append(run_job("jobs.nearline_update", path))
 
-    expected = open_store(spark, reference_config.storage)
-    actual = open_store(spark, crashed_config.storage)
-    for table, order in TABLE_ORDER.items():
-        assert same_rows(rows(actual.read(table), order), rows(expected.read(table), order)), table
-    assert actual.read("metrics").count() == 6
-    assert actual.read("events").count() == actual.read("events").select("event_id").distinct().count()
+    # The chains side by side and beside the reference: much of each process is a JVM starting.
+    threads = [threading.Thread(target=killed_and_restarted, args=(engine,)) for engine in ENGINES]
+    for thread in threads:
+        thread.start()
+    expected = run_stream(spark, stream_config(tmp_path / "reference", truth.landing))
+    for thread in threads:
+        thread.join()
+
+    for engine, processes in chains.items():
+        for point, killed in zip(KILLS[engine], processes, strict=False):
+            assert killed.returncode == CRASH_EXIT_CODE, (engine, point, killed.stderr[-3000:])
+        assert processes[-1].returncode == 0, (engine, processes[-1].stderr[-3000:])
+        actual = open_store(spark, stream_config(tmp_path / engine, truth.landing, f"storage.backend={engine}").storage)
+        for table, order in TABLE_ORDER.items():
+            assert same_rows(rows(actual.read(table), order), rows(expected.read(table), order)), (engine, table)
+        assert actual.read("metrics").count() == 6
+        assert actual.read("events").count() == actual.read("events").select("event_id").distinct().count()
 
 
 def test_bad_events_are_quarantined_exactly_and_the_stream_goes_on(spark, tmp_path):
