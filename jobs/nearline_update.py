@@ -105,7 +105,7 @@ class NearlineUpdater:
         crash_point("nearline:before_writes", batch_id)
         with timed("ingest", seconds):
             events = batch_input(raw, config.stream, typed_raw_schema(config.model))
-            ingested = ingest_batch(store, config, events, batch_id, ticket.guard(app_id), ticket.ingested)
+            ingested = ingest_batch(store, config, events, batch_id, ticket.claim(app_id), ticket.ingested)
         return self._apply(store, ticket, ingested, seconds, None)
 
     def _apply(

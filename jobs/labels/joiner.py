@@ -85,7 +85,7 @@ class LabelJoiner:
             values = joined.values | {f"seconds.{step}": value for step, value in seconds.items()}
             run_id = f"{ticket.stream_id}/{ticket.stream_batch_id}"
             row = metrics_row(store.spark, JOB, run_id, batch_id, None, "joined", values, None)
-            store.append(join.metrics_table, row, guard=guard)
+            store.append(join.metrics_table, row, guard=ticket.claim(join.app_id))
             crash_point("label_join:after_metrics", batch_id)
             # An empty append is left out: a replay finds it empty again, and a commit costs (Spark's Delta most).
             if joined.values["labelled"]:

@@ -30,5 +30,9 @@ class ConcurrentRunError(RuntimeError):
     """Another run of the same job holds the tables."""
 
 
+class ConcurrentWriterError(RuntimeError):
+    """Another stream wrote, or is writing, a batch number this stream took: two writers on the same tables."""
+
+
 class StateRestoredError(RuntimeError):
     """The live state was restored to an earlier version, and no generation can rebuild it."""

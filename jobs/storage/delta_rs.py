@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -12,7 +14,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
 from jobs.runtime.errors import ConfigError
-from jobs.storage.store import HISTORY_PAGES, Commit, Guard, GuardedCommit, TableStore, WriteMode, utc_from_millis
+from jobs.storage.store import (
+    HISTORY_PAGES,
+    Commit,
+    Guard,
+    GuardedCommit,
+    TableStore,
+    WriteMode,
+    concurrent_writer,
+    utc_from_millis,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,6 +48,8 @@ class DeltaRsStore(TableStore):
             root = os.path.abspath(root)
         super().__init__(spark, root)
         self.storage_options = dict(storage_options or {})
+        # Per thread, the tables a guarded write reads on one snapshot from its check to its commit.
+        self._snapshots = threading.local()
         self._scheme = None if local else root.partition("://")[0]
 
     def exists(self, name: str) -> bool:
@@ -152,9 +165,36 @@ class DeltaRsStore(TableStore):
             .execute()
         )
 
+    def _guarded(self, name: str, guard: Guard | None, write: Callable[[Guard | None], None]) -> bool:
+        """The check and the commit on one snapshot: a commit of the guard's app id made in between (a second
+        writer) fails this one, Delta's own conflict check, instead of both landing."""
+        from deltalake.exceptions import CommitFailedError
+
+        if guard is None:
+            return super()._guarded(name, guard, write)
+        with self._one_snapshot(name):
+            try:
+                return super()._guarded(name, guard, write)
+            except CommitFailedError as error:
+                raise concurrent_writer(name, guard, cause=error) from error
+
+    @contextlib.contextmanager
+    def _one_snapshot(self, name: str) -> Iterator[None]:
+        """Every read of table ``name`` in this thread, until the block ends, sees the snapshot loaded first."""
+        if not hasattr(self._snapshots, "tables"):
+            self._snapshots.tables = {}
+        self._snapshots.tables[name] = self._table(name)
+        try:
+            yield
+        finally:
+            del self._snapshots.tables[name]
+
     def _table(self, name: str, version: int | None = None) -> RsDeltaTable:
         from deltalake import DeltaTable
 
+        pinned = getattr(self._snapshots, "tables", {}).get(name)
+        if pinned is not None and version is None:
+            return pinned
         return DeltaTable(self.path(name), version=version, storage_options=self.storage_options)
 
     def _spark_path(self, uri: str) -> str:

@@ -48,7 +48,8 @@ def ingest_batch(
     """Append the batch's valid events and its rejected ones, at most once per ``batch_id``.
 
     ``raw`` is the batch's raw events, or the typed landing files holding them. ``guard`` (default:
-    the nearline job's, version ``batch_id``) is recorded with both writes, the quarantine's first;
+    the nearline job's, version ``batch_id``) is recorded with both writes, the quarantine's first (the batch's
+    claim on its number, if the guard is one);
     ``ingested`` (default: now) is the time event times are judged against.
     """
     guard = guard or Guard(config.nearline.app_id, batch_id)

@@ -13,9 +13,10 @@ that is how the recorded versions are read back.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
@@ -35,12 +36,17 @@ from jobs.storage.store import (
     GuardedCommit,
     TableStore,
     WriteMode,
+    concurrent_writer,
     utc_from_millis,
 )
 
 # A SQL write takes its guard from session-wide settings: a write from another thread (a lease's renewal)
 # must not run while they are set, or it would commit under the guard. One SQL write at a time per process.
 SQL_WRITES = threading.RLock()
+# A claim's own mark among the facts it records: which commit holding its number this write made.
+CLAIM_MARK = "claim"
+# How Delta refuses a commit that a concurrent commit of the same app id beat (its transaction ids conflict).
+CONCURRENT_TRANSACTION = ("ConcurrentTransactionException", "DELTA_CONCURRENT_TRANSACTION")
 
 
 class SparkDeltaStore(TableStore):
@@ -166,6 +172,31 @@ class SparkDeltaStore(TableStore):
             frame,
             guard,
         )
+
+    def _guarded(self, name: str, guard: Guard | None, write: Callable[[Guard | None], None]) -> bool:
+        """A claim is written with no check first and read back after: Delta skips a write whose number its
+        table holds already (its transaction id, checked at commit), so only the commit holding the number says
+        whether it is this write's, a replay's, or a second writer's. Every other write is checked first."""
+        try:
+            if guard is None or not guard.claim or guard.identity is None:
+                return super()._guarded(name, guard, write)
+            stamped = dataclasses.replace(guard, facts={**guard.facts, CLAIM_MARK: uuid.uuid4().hex})
+            write(stamped)
+        except Exception as error:
+            if guard is not None and any(marker in str(error) for marker in CONCURRENT_TRANSACTION):
+                raise concurrent_writer(name, guard, cause=type(error).__name__) from error
+            raise
+        holders = self.holders(name, guard)
+        if not holders:
+            return True  # nothing to hold: Delta made no commit for this (empty) write
+        holder = holders[0].guard
+        if holder.identity not in (None, guard.identity):
+            raise concurrent_writer(name, guard, holder)
+        if holder.facts.get(CLAIM_MARK) != stamped.facts[CLAIM_MARK]:
+            return False  # written before a restart: Delta skipped this write
+        if len(holders) > 1:
+            raise RuntimeError(f"table {name!r} holds batch {guard.version} of {guard.app_id!r} twice: not skipped")
+        return True
 
     def _guarded_sql(self, statement: str, frame: DataFrame, guard: Guard | None) -> None:
         """One SQL write of ``frame`` (a temporary view named in ``{source}``), under ``guard``.

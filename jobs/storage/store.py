@@ -13,6 +13,13 @@ id at that version or later. A replayed micro-batch is thereby written at most o
 the commit: as Delta's transaction action (``txn``), which both engines honour, and as the commit's ``userMetadata``
 (JSON), which ``DESCRIBE HISTORY`` shows on every platform and which tells who wrote what.
 
+A guard whose facts name the stream batch that writes it (its :attr:`Guard.identity`) fences a second writer: a
+table that holds the guard's number from another stream batch refuses the write with
+:class:`ConcurrentWriterError` instead of skipping it as a replay, and a *claim* (a batch's first write, which
+takes its number) is checked at commit: delta-rs checks and commits on one snapshot, so a commit of the same app
+id in between fails this one (Delta's own conflict check); Spark's Delta skips a write whose number its table
+holds already, so after a claim the store reads back which batch holds the number.
+
 Tables are created with no column mapping and, unless a store is told otherwise for a table, no deletion vectors
 (see :data:`TABLE_PROPERTIES`), so that both engines can read and write them.
 """
@@ -23,7 +30,7 @@ import dataclasses
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -31,7 +38,8 @@ from typing import Any, Literal
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
-from jobs.runtime.errors import ConfigError, SchemaMismatchError
+from jobs.runtime.errors import ConcurrentWriterError, ConfigError, SchemaMismatchError
+from jobs.runtime.faults import crash_point
 from jobs.runtime.session import delta_available
 from jobs.runtime.settings import StorageConfig
 
@@ -52,6 +60,8 @@ USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 GUARD_KEY = "lambda_learner"
 # History is read newest first in pages of growing size: the commit looked for is nearly always recent.
 HISTORY_PAGES = (16, 256, None)
+# The facts that name the stream batch a guarded write belongs to: one number written by two of them is two writers.
+IDENTITY_FACTS = ("stream", "stream_batch")
 
 WriteMode = Literal["append", "overwrite"]
 
@@ -63,10 +73,19 @@ class Guard:
     app_id: str
     version: int
     facts: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    # The batch's first write, which takes its number: checked at commit against a second writer.
+    claim: bool = dataclasses.field(default=False, compare=False)
 
     def user_metadata(self) -> str:
         """The commit's userMetadata: the guard and its facts as JSON."""
         return json.dumps({GUARD_KEY: {"app_id": self.app_id, "version": self.version, **self.facts}}, sort_keys=True)
+
+    @property
+    def identity(self) -> tuple[Any, ...] | None:
+        """The stream batch that writes under this guard, None for a write that names none (a program's own)."""
+        if not all(key in self.facts for key in IDENTITY_FACTS):
+            return None
+        return tuple(self.facts[key] for key in IDENTITY_FACTS)
 
 
 @dataclass(frozen=True)
@@ -205,10 +224,8 @@ class TableStore(ABC):
         missing = [key for key in keys if key not in frame.columns]
         if not keys or missing:
             raise ValueError(f"merge into {name!r} needs key columns of the table; got {list(keys)}")
-        if self.applied(name, guard):
-            return False
-        self._merge(name, frame, merge_condition(keys), guard, matched_if)
-        return True
+        condition = merge_condition(keys)
+        return self._guarded(name, guard, lambda given: self._merge(name, frame, condition, given, matched_if))
 
     @abstractmethod
     def replace(self, name: str, frame: DataFrame, schema: StructType, *, partition_by: Sequence[str] = ()) -> None:
@@ -239,20 +256,45 @@ class TableStore(ABC):
         """The latest version recorded for ``app_id`` in the table, None if it never wrote."""
 
     def applied(self, name: str, guard: Guard | None) -> bool:
-        """Whether the table already holds the write ``guard`` stands for."""
+        """Whether the table already holds the write ``guard`` stands for.
+
+        Raises ConcurrentWriterError if it holds the guard's number from another stream batch.
+        """
         if guard is None:
             return False
         recorded = self.transaction_version(name, guard.app_id)
-        return recorded is not None and recorded >= guard.version
+        if recorded is None or recorded < guard.version:
+            return False
+        if guard.identity is not None:
+            holders = self.holders(name, guard)
+            if holders and holders[0].guard.identity not in (None, guard.identity):
+                raise concurrent_writer(name, guard, holders[0].guard)
+        return True
+
+    def holders(self, name: str, guard: Guard) -> list[GuardedCommit]:
+        """The table's commits under ``guard``'s app id and number, newest first (numbers only grow over commits)."""
+        found = []
+        for commit in self.guarded_commits(name, guard.app_id):
+            if commit.guard.version < guard.version:
+                break
+            if commit.guard.version == guard.version:
+                found.append(commit)
+        return found
+
+    def _guarded(self, name: str, guard: Guard | None, write: Callable[[Guard | None], None]) -> bool:
+        """``write(guard)``, unless the table holds the guard's write already (then False)."""
+        if self.applied(name, guard):
+            return False
+        if guard is not None:
+            crash_point("store:checked", guard.facts.get("stream"))
+        write(guard)
+        return True
 
     def _guarded_write(
         self, name: str, frame: DataFrame, mode: WriteMode, guard: Guard | None, where: str | None
     ) -> bool:
         self._check_columns(name, frame)
-        if self.applied(name, guard):
-            return False
-        self._write(name, frame, mode, guard, where)
-        return True
+        return self._guarded(name, guard, lambda given: self._write(name, frame, mode, given, where))
 
     def _check_columns(self, name: str, frame: DataFrame) -> None:
         expected, given = self.schema(name).fieldNames(), frame.columns
@@ -290,6 +332,25 @@ def open_store(spark: SparkSession, config: StorageConfig) -> TableStore:
     from jobs.storage.delta_rs import DeltaRsStore
 
     return DeltaRsStore(spark, config.root, config.storage_options)
+
+
+def concurrent_writer(
+    name: str, guard: Guard, holder: Guard | None = None, cause: object = None
+) -> ConcurrentWriterError:
+    """The one message for a batch number two streams took: who holds it, who was refused, and what to do."""
+    this = _batch_of(guard)
+    held = f"holds it from {_batch_of(holder)}" if holder is not None else f"took it at the same moment ({cause})"
+    return ConcurrentWriterError(
+        f"batch {guard.version} of app id {guard.app_id!r} was taken by another writer: table {name!r} {held}, "
+        f"and this is {this}. Two streams write these tables at once (a backfill beside the live job, overlapping "
+        "runs): stop one of them. This stream wrote nothing of its batch; started again with its checkpoint, it "
+        "redoes it under the next free number (docs/operations.md, 'One writer per set of tables')"
+    )
+
+
+def _batch_of(guard: Guard) -> str:
+    identity = guard.identity
+    return "a write of no stream" if identity is None else f"batch {identity[1]} of stream {identity[0]}"
 
 
 def schema_difference(existing: StructType, wanted: StructType) -> str | None:

@@ -6,16 +6,19 @@ sequence across every checkpoint, and every guarded write of a batch records whi
 query id Spark keeps in its checkpoint) and which of its batches it was. A batch Spark replays
 after a crash gets the number it had; a new batch, the next number.
 
-The first write of every batch (its ``ledger`` table) is where the numbers are looked up; its
-last write (its ``last`` table) tells whether a batch was finished. A new stream refuses to start
-while another stream's batch is half written: that batch is its own stream's to finish (its
-checkpoint holds its data). If that checkpoint is lost, the operator names the batch (the job's
-``lost_batch`` setting) and the new stream's first ticket carries it as ``unfinished``: the job
-finishes it from what the tables hold before its own batch.
+The first write of every batch (its ``ledger`` table) is where the numbers are looked up, and it
+claims the batch's number (:meth:`BatchTicket.claim`): a second stream on the same tables that took
+the same number is refused there, at commit, with ``ConcurrentWriterError`` (``jobs.storage.store``),
+before it writes anything of its batch. Its last write (its ``last`` table) tells whether a batch
+was finished. A new stream refuses to start while another stream's batch is half written: that
+batch is its own stream's to finish (its checkpoint holds its data). If that checkpoint is lost,
+the operator names the batch (the job's ``lost_batch`` setting) and the new stream's first ticket
+carries it as ``unfinished``: the job finishes it from what the tables hold before its own batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -44,6 +47,11 @@ class BatchTicket:
         """The guard of one of this batch's writes: the sequence number as version, the batch's identity as facts."""
         identity = {"stream": self.stream_id, "stream_batch": self.stream_batch_id, "ingested": self.ingested_ms}
         return Guard(app_id, self.sequence, {**identity, **facts})
+
+    def claim(self, app_id: str, **facts: object) -> Guard:
+        """The guard of the batch's first write, to its ledger table: it takes the number, checked at commit against
+        a second stream that took the same one."""
+        return dataclasses.replace(self.guard(app_id, **facts), claim=True)
 
     @property
     def ingested_ms(self) -> int:

@@ -23,6 +23,7 @@ from jobs.labels.join import keeps_negative
 from jobs.labels.joiner import LabelJoiner
 from jobs.nearline_update import run_nearline
 from jobs.nightly_retrain import run_nightly
+from jobs.runtime.errors import ConcurrentWriterError
 from jobs.runtime.faults import CRASH_EXIT_CODE
 from jobs.runtime.settings import Config
 from jobs.simulate.clicks import ClickSpec, ClickTruth, generate_clicks
@@ -184,6 +185,28 @@ def test_every_case_of_the_join_by_hand(spark, tmp_path):
 def arrivals(spark, config: Config, impressions: list[str], clicks: list[str]):
     frames = [spark.createDataFrame([(line,) for line in lines], "value string") for lines in (impressions, clicks)]
     return impressions_as_arrivals(frames[0], config.model).unionByName(clicks_as_arrivals(frames[1], config.model))
+
+
+def test_a_second_stream_on_the_same_tables_is_refused_before_it_writes_and_redone_on_restart(spark, tmp_path):
+    """Two label join streams on one set of tables: the live one's next number is the one the other took meanwhile.
+    It is refused before it writes anything of its batch; restarted, it joins that batch under the next number."""
+    config = config_for(tmp_path, "storage.backend=delta-rs", *HAND_SETTINGS)
+    join = config.label_join
+    live, backfill = LabelJoiner(config, stream_id="live"), LabelJoiner(config, stream_id="backfill")
+    live.process(arrivals(spark, config, *HAND_BATCHES[0]), 0)
+    backfill.process(arrivals(spark, config, *HAND_BATCHES[1]), 0)  # continues the tables' sequence: number 1
+    store = live.store(spark)
+    tables = [join.output_table, join.quarantine_table, join.pending_table, join.metrics_table]
+    versions = {table: store.version(table) for table in tables}
+
+    with pytest.raises(ConcurrentWriterError, match="holds it from batch 0 of stream backfill, and this is batch 1 of"):
+        live.process(arrivals(spark, config, *HAND_BATCHES[2]), 1)  # its own last number + 1: number 1 again
+    assert {table: store.version(table) for table in tables} == versions
+
+    restarted = LabelJoiner(config, stream_id="live")  # the stream started again: it looks its number up
+    restarted.process(arrivals(spark, config, *HAND_BATCHES[2]), 1)
+    numbers = store.read(join.metrics_table).select("batch_id", "run_id").orderBy("batch_id").collect()
+    assert [(row.batch_id, row.run_id) for row in numbers] == [(0, "live/0"), (1, "backfill/0"), (2, "live/1")]
 
 
 def test_typed_input_reads_as_json_does(spark, tmp_path):

@@ -29,7 +29,7 @@ from pyspark.sql.types import (
 )
 
 from jobs.runtime.cli import CONFIG_ERROR_EXIT_CODE
-from jobs.runtime.errors import ConfigError
+from jobs.runtime.errors import ConcurrentWriterError, ConfigError
 from jobs.runtime.faults import PAUSE_VARIABLE
 from jobs.runtime.jvm import ENV_VAR
 from jobs.runtime.session import delta_available
@@ -217,6 +217,28 @@ class TableStoreContract:
         assert store.transaction_version("scores", "nightly") == 1
         assert store.transaction_version("scores", "never") is None
 
+    @pytest.mark.parametrize("claim", [True, False], ids=["claim", "later-write"])
+    def test_a_number_another_stream_batch_holds_is_refused_not_skipped(self, store, spark, claim):
+        store.create("scores", SCORES)
+        held = Guard("nearline", 3, {"stream": "a", "stream_batch": 0}, claim=claim)
+        assert store.append("scores", scores(spark, ("a", 1, 0.1)), guard=held)
+        version = store.version("scores")
+
+        replay = Guard("nearline", 3, {"stream": "a", "stream_batch": 0, "ingested": 5}, claim=claim)
+        assert not store.append("scores", scores(spark, ("b", 1, 9.9)), guard=replay)
+        second_writer = Guard("nearline", 3, {"stream": "b", "stream_batch": 7}, claim=claim)
+        refusal = r"table 'scores' holds it from batch 0 of stream a, and this is batch 7 of stream b"
+        with pytest.raises(ConcurrentWriterError, match=refusal):
+            store.append("scores", scores(spark, ("c", 1, 9.9)), guard=second_writer)
+        # An older number, held by the other stream batch, is refused too: never skipped as a replay.
+        assert store.append(
+            "scores", scores(spark, ("d", 1, 0.4)), guard=Guard("nearline", 4, {"stream": "a", "stream_batch": 1})
+        )
+        with pytest.raises(ConcurrentWriterError, match="holds it from batch 0 of stream a"):
+            store.merge("scores", scores(spark, ("e", 1, 9.9)), ["entity_id"], guard=second_writer)
+        assert store.version("scores") == version + 1
+        assert content(store.read("scores")) == [("a", 1, 0.1), ("d", 1, 0.4)]
+
     @pytest.mark.parametrize("operation", OPERATIONS)
     def test_a_guarded_empty_write_records_its_transaction(self, store, spark, operation):
         store.create("scores", SCORES)
@@ -389,6 +411,31 @@ class TestDeltaRsStore(TableStoreContract):
     def test_a_root_delta_rs_or_spark_cannot_use_is_refused(self, spark, tmp_path, root):
         with pytest.raises(ConfigError, match=r"storage\.root"):
             DeltaRsStore(spark, str(tmp_path / root))
+
+    def test_a_claim_beaten_to_its_commit_by_another_writer_fails_there(self, store, spark, monkeypatch):
+        """Two writers take the same number at once: the one whose check passed first but commits second fails
+        at its commit (the check and the commit read one snapshot), it does not write beside the other."""
+        store.create("scores", SCORES)
+        other = DeltaRsStore(spark, store.root)  # the second writer: another process's store
+        monkeypatch.setenv(PAUSE_VARIABLE, "store:checked@late=8")  # only the late stream waits there
+        outcome: dict[str, object] = {}
+
+        def late() -> None:
+            guard = Guard("nearline", 0, {"stream": "late", "stream_batch": 0}, claim=True)
+            try:
+                outcome["written"] = store.append("scores", scores(spark, ("late", 1, 0.1)), guard=guard)
+            except ConcurrentWriterError as error:
+                outcome["refused"] = str(error)
+
+        writer = threading.Thread(target=late)
+        writer.start()
+        time.sleep(3)  # the late writer is in its pause by now (if not, the holder's check refuses it instead)
+        early = Guard("nearline", 0, {"stream": "early", "stream_batch": 0}, claim=True)
+        assert other.append("scores", scores(spark, ("early", 1, 0.2)), guard=early)
+        writer.join()
+        assert "written" not in outcome, outcome
+        assert "batch 0 of app id 'nearline' was taken by another writer" in outcome["refused"]
+        assert content(store.read("scores")) == [("early", 1, 0.2)]
 
 
 class TestSparkDeltaStore(TableStoreContract):
