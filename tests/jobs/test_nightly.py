@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -269,32 +271,44 @@ PUBLICATION_CRASHES = {
 }
 
 
-def test_a_crash_before_or_during_publication_leaves_the_current_generation_intact(
-    published_by_each_engine, spark, tmp_path
-):
-    config, store = published_by_each_engine
-    config_path = write_config(tmp_path, config)
-    priors_before = store.read("re_priors").count()
+def test_a_crash_before_or_during_publication_leaves_the_current_generation_intact(trained, spark, tmp_path):
+    """On both engines at once: each a real nightly process killed at its point, then one run to the end."""
+    published = {engine: copy_published(trained, tmp_path / engine, spark, engine) for engine in PUBLICATION_CRASHES}
+    priors_before = {engine: store.read("re_priors").count() for engine, (_, store) in published.items()}
+    runs: dict[str, list[subprocess.CompletedProcess]] = {}
+    crashed_generations: dict[str, tuple[list[int], list[int]]] = {}
 
-    point, priors_generations = PUBLICATION_CRASHES[config.storage.backend]
-    crashed = nightly_process(config_path, crash_at=point)
-    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
-    assert generations(store, "fixed_effect") == [1] and generations(store, "re_priors") == priors_generations
-    assert store.read("re_priors").where("generation = 1").count() == priors_before
+    def crashed_then_finished(engine: str) -> None:
+        config, store = published[engine]
+        config_path = write_config(tmp_path / engine / "job", config)
+        runs[engine] = [nightly_process(config_path, crash_at=PUBLICATION_CRASHES[engine][0])]
+        crashed_generations[engine] = (generations(store, "fixed_effect"), generations(store, "re_priors"))
+        runs[engine].append(nightly_process(config_path))
 
-    finished = nightly_process(config_path)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    report = json.loads(finished.stdout.strip().splitlines()[-1])
-    assert report["status"] == "published" and report["generation"] == 2
-    priors = store.read("re_priors").where("generation = 2").toPandas()
-    assert not priors.duplicated(["re_type", "entity_id"]).any()
-    assert (priors.cutoff_batch_id == report["cutoff_batch_id"]).all()
+    # Side by side: most of each process is a JVM starting.
+    chains = [threading.Thread(target=crashed_then_finished, args=(engine,)) for engine in published]
+    for thread in chains:
+        thread.start()
+    for thread in chains:
+        thread.join()
 
-    assert run_nightly(spark, store, config).status == "already_published"  # in this process: no JVM to start
-    assert store.read("re_priors").where("generation = 2").count() == len(priors)
-    # One row for the publication (none from the crashed runs), one for the rerun's outcome.
-    rows = store.read("metrics").where("job = 'nightly' AND generation = 2").orderBy("recorded_at").collect()
-    assert [row.status for row in rows] == ["published", "already_published"]
+    for engine, (config, store) in published.items():
+        crashed, finished = runs[engine]
+        assert crashed.returncode == CRASH_EXIT_CODE, (engine, crashed.stderr[-2000:])
+        assert crashed_generations[engine] == ([1], PUBLICATION_CRASHES[engine][1]), engine
+        assert store.read("re_priors").where("generation = 1").count() == priors_before[engine]
+        assert finished.returncode == 0, (engine, finished.stderr[-2000:])
+        report = json.loads(finished.stdout.strip().splitlines()[-1])
+        assert report["status"] == "published" and report["generation"] == 2
+        priors = store.read("re_priors").where("generation = 2").toPandas()
+        assert not priors.duplicated(["re_type", "entity_id"]).any()
+        assert (priors.cutoff_batch_id == report["cutoff_batch_id"]).all()
+
+        assert run_nightly(spark, store, config).status == "already_published"  # in this process: no JVM to start
+        assert store.read("re_priors").where("generation = 2").count() == len(priors)
+        # One row for the publication (none from the crashed runs), one for the rerun's outcome.
+        rows = store.read("metrics").where("job = 'nightly' AND generation = 2").orderBy("recorded_at").collect()
+        assert [row.status for row in rows] == ["published", "already_published"]
 
 
 def test_a_rolled_back_generation_number_is_never_reused(published, spark):
