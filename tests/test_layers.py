@@ -93,3 +93,28 @@ def test_a_rule_breaker_is_caught(tmp_path):
     upward = tmp_path / "upward.py"
     upward.write_text("import numpy\n\ndef f():\n    from jobs.nearline_update import NearlineUpdater\n")
     assert not all(allowed(name, ALLOWED["lambda_learner"]) for name in imported(upward))
+
+
+def called(path: Path) -> set[str]:
+    """The names ``path`` calls: ``f(...)`` as ``f``, ``x.f(...)`` as ``.f``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            names.add(node.func.id)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            names.add(f".{node.func.attr}")
+    return names
+
+
+def test_every_streaming_job_numbers_and_fences_its_batches_with_the_one_sequence():
+    """jobs.streaming.sequence numbers every stream's batches and claims each number (jobs.storage.store fences a
+    second writer there): a streaming job takes its guards from its tickets and makes none of its own."""
+    streaming = {path.stem for path in (ROOT / "jobs").glob("*.py") if "jobs.streaming.runner" in imported(path)}
+    assert streaming == {"nearline_update", "label_join"}, "a new streaming job: add its batch module below"
+    batch_modules = [ROOT / "jobs" / "nearline_update.py", ROOT / "jobs" / "labels" / "joiner.py"]
+    for path in batch_modules:
+        names = called(path)
+        assert {"BatchSequence", ".ticket", ".claim"} <= names, path.name
+        assert "Guard" not in names, path.name
+    ticketed = {path for path in modules("jobs") if ".ticket" in called(path)}
+    assert ticketed == set(batch_modules)

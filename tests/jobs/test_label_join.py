@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import reduce
@@ -21,6 +23,7 @@ from jobs.label_join import run_label_join
 from jobs.labels.inputs import clicks_as_arrivals, impressions_as_arrivals
 from jobs.labels.join import keeps_negative
 from jobs.labels.joiner import LabelJoiner
+from jobs.labels.schemas import IMPRESSION
 from jobs.nearline_update import run_nearline
 from jobs.nightly_retrain import run_nightly
 from jobs.runtime.errors import ConcurrentWriterError
@@ -519,3 +522,52 @@ def test_a_label_join_killed_at_every_write_or_moved_to_a_new_checkpoint_ends_in
         for key, order in TABLE_ORDER.items():
             table = getattr(reference.label_join, key)
             assert same_rows(table_rows(crashed, table, order), table_rows(expected, table, order)), (backend, table)
+
+
+def test_two_label_join_processes_on_the_same_tables_account_for_every_impression(spark, tmp_path):
+    """Two label join processes at once on the same tables, each with its own half of the streams and checkpoint.
+    One that took a number the other holds is refused before it writes (ConcurrentWriterError, or
+    HalfWrittenBatchError beside a half-written batch) and joins that batch under the next number when started
+    again. Every impression ends somewhere, once labelled at most: labelled, quarantined with a reason, or pending."""
+    spec = stream_spec(events=600, slices=4, slice_minutes=10.0, drift=0.3, seed=29)
+    truth = generate_clicks(spec, replace(CLICKS, trailing_slices=1), tmp_path / "stream")
+    paths = {}
+    for name, files in (("live", slice(None, 2)), ("backfill", slice(2, None))):
+        landing = tmp_path / name
+        deliver(truth.impression_files[files], landing / "impressions")
+        deliver(truth.click_files[files], landing / "clicks")
+        checkpoint = f"label_join.checkpoint={tmp_path / f'{name}-checkpoint'}"
+        config = joined_config(tmp_path, landing / "impressions", landing / "clicks", checkpoint)
+        paths[name] = write_config(tmp_path / f"{name}-job", config)
+    runs: dict[str, list[subprocess.CompletedProcess]] = {name: [] for name in paths}
+
+    def until_done(name: str) -> None:
+        for _ in range(5):  # an operator's (or a scheduler's) restarts
+            runs[name].append(run_job("jobs.label_join", paths[name]))
+            if runs[name][-1].returncode == 0:
+                return
+
+    streams = [threading.Thread(target=until_done, args=(name,)) for name in paths]
+    streams[0].start()
+    time.sleep(3)
+    streams[1].start()
+    for thread in streams:
+        thread.join()
+
+    refusals = ("ConcurrentWriterError", "HalfWrittenBatchError")
+    for name, processes in runs.items():
+        assert processes[-1].returncode == 0, (name, processes[-1].stderr[-3000:])
+        for failed in processes[:-1]:
+            assert any(refusal in failed.stderr for refusal in refusals), (name, failed.stderr[-3000:])
+    join, store = config.label_join, open_store(spark, config.storage)
+    labelled = [row.event_id for row in store.read(join.output_table).select("event_id").collect()]
+    assert len(labelled) == len(set(labelled))
+    quarantine_rows = store.read(join.quarantine_table).collect()
+    payloads = [json.loads(row.payload) for row in quarantine_rows if row.payload.startswith("{")]
+    quarantined = {payload.get("impression_id") for payload in payloads if "impression_time" in payload}
+    waiting = store.read(join.pending_table).where(F.col("record") == IMPRESSION)
+    pending = {row.impression_id for row in waiting.select("impression_id").collect()}
+    impressions = set(pd.read_parquet(truth.truth / "impressions.parquet").impression_id)
+    assert impressions <= set(labelled) | quarantined | pending
+    numbers = sorted(row.batch_id for row in store.read(join.metrics_table).select("batch_id").collect())
+    assert numbers == list(range(len(numbers)))
