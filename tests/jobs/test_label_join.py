@@ -542,7 +542,7 @@ def test_two_label_join_processes_on_the_same_tables_account_for_every_impressio
     runs: dict[str, list[subprocess.CompletedProcess]] = {name: [] for name in paths}
 
     def until_done(name: str) -> None:
-        for _ in range(5):  # an operator's (or a scheduler's) restarts
+        for _ in range(8):  # a scheduler's restarts: the refusals stop once the other stream ends
             runs[name].append(run_job("jobs.label_join", paths[name]))
             if runs[name][-1].returncode == 0:
                 return
