@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +52,35 @@ def run_job(
         cwd=ROOT,
         timeout=timeout,
     )
+
+
+# How a stream beside another on the same tables is refused: a batch number the other took, or its half-written batch.
+REFUSALS = ("ConcurrentWriterError", "HalfWrittenBatchError")
+
+
+def run_side_by_side(module: str, configs: dict[str, Path], stagger: float = 3.0, restarts: int = 8) -> None:
+    """``python -m <module>`` on each config at once (started ``stagger`` s apart), each started again as a scheduler
+    would while it fails (refusals stop once the other stream ends). Each must end with exit 0, and every run
+    before that must have stopped with one of the :data:`REFUSALS`."""
+    runs: dict[str, list[subprocess.CompletedProcess]] = {name: [] for name in configs}
+
+    def until_done(name: str) -> None:
+        for _ in range(restarts):
+            runs[name].append(run_job(module, configs[name]))
+            if runs[name][-1].returncode == 0:
+                return
+
+    threads = [threading.Thread(target=until_done, args=(name,)) for name in configs]
+    for index, thread in enumerate(threads):
+        if index:
+            time.sleep(stagger)
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, processes in runs.items():
+        assert processes[-1].returncode == 0, (name, processes[-1].stderr[-3000:])
+        for failed in processes[:-1]:
+            assert any(refusal in failed.stderr for refusal in REFUSALS), (name, failed.stderr[-3000:])
 
 
 def rows(frame, sort_by: list[str]) -> list[dict]:

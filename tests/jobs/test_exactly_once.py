@@ -28,7 +28,7 @@ from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
 from jobs.storage.lease import LEASES, TableLease
 from jobs.storage.store import open_store
-from tests.jobs.jobrun import ROOT, rows, run_job, same_rows, write_config
+from tests.jobs.jobrun import ROOT, rows, run_job, run_side_by_side, same_rows, write_config
 from tests.jobs.streams import config_for, stream_config, stream_spec, update_on_files
 
 
@@ -382,26 +382,8 @@ def test_two_streams_writing_the_same_tables_at_once_lose_no_event(spark, tmp_pa
         deliver(part, tmp_path / name)
         config = stream_config(tmp_path, tmp_path / name, f"stream.checkpoint={tmp_path / f'{name}-checkpoint'}")
         paths[name] = write_config(tmp_path / f"{name}-job", config)
-    runs: dict[str, list[subprocess.CompletedProcess]] = {name: [] for name in paths}
+    run_side_by_side("jobs.nearline_update", paths)
 
-    def until_done(name: str) -> None:
-        for _ in range(8):  # a scheduler's restarts: the refusals stop once the other stream ends
-            runs[name].append(run_job("jobs.nearline_update", paths[name]))
-            if runs[name][-1].returncode == 0:
-                return
-
-    streams = [threading.Thread(target=until_done, args=(name,)) for name in paths]
-    streams[0].start()
-    time.sleep(3)
-    streams[1].start()
-    for thread in streams:
-        thread.join()
-
-    refusals = {"ConcurrentWriterError", "HalfWrittenBatchError"}
-    for name, processes in runs.items():
-        assert processes[-1].returncode == 0, (name, processes[-1].stderr[-3000:])
-        for failed in processes[:-1]:
-            assert any(refusal in failed.stderr for refusal in refusals), (name, failed.stderr[-3000:])
     store = open_store(spark, config.storage)
     events = store.read("events")
     assert events.count() + store.read("quarantine").count() == truth.events

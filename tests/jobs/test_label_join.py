@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
-import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import reduce
@@ -34,7 +32,7 @@ from jobs.simulate.writers import deliver
 from jobs.storage.parsing import typed_raw_schema
 from jobs.storage.store import TableStore, open_store
 from lambda_learner import metrics
-from tests.jobs.jobrun import rows, run_job, same_rows, write_config
+from tests.jobs.jobrun import rows, run_job, run_side_by_side, same_rows, write_config
 from tests.jobs.streams import config_for, stream_spec
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
@@ -539,26 +537,8 @@ def test_two_label_join_processes_on_the_same_tables_account_for_every_impressio
         checkpoint = f"label_join.checkpoint={tmp_path / f'{name}-checkpoint'}"
         config = joined_config(tmp_path, landing / "impressions", landing / "clicks", checkpoint)
         paths[name] = write_config(tmp_path / f"{name}-job", config)
-    runs: dict[str, list[subprocess.CompletedProcess]] = {name: [] for name in paths}
+    run_side_by_side("jobs.label_join", paths)
 
-    def until_done(name: str) -> None:
-        for _ in range(8):  # a scheduler's restarts: the refusals stop once the other stream ends
-            runs[name].append(run_job("jobs.label_join", paths[name]))
-            if runs[name][-1].returncode == 0:
-                return
-
-    streams = [threading.Thread(target=until_done, args=(name,)) for name in paths]
-    streams[0].start()
-    time.sleep(3)
-    streams[1].start()
-    for thread in streams:
-        thread.join()
-
-    refusals = ("ConcurrentWriterError", "HalfWrittenBatchError")
-    for name, processes in runs.items():
-        assert processes[-1].returncode == 0, (name, processes[-1].stderr[-3000:])
-        for failed in processes[:-1]:
-            assert any(refusal in failed.stderr for refusal in refusals), (name, failed.stderr[-3000:])
     join, store = config.label_join, open_store(spark, config.storage)
     labelled = [row.event_id for row in store.read(join.output_table).select("event_id").collect()]
     assert len(labelled) == len(set(labelled))
