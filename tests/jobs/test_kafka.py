@@ -76,7 +76,6 @@ def consumed(broker, tmp_path_factory) -> Consumed:
         f"stream.checkpoint={folder / 'checkpoint'}",
         f"storage.root={folder / 'tables'}",
         "nearline.entity_buckets=4",
-        "storage.backend=spark-delta",  # TEMP
     ]
     config = write_config(folder, load_config(ROOT / "conf" / "local.yaml", settings))
     crashed = run_job("jobs.nearline_update", config, crash_at="nearline:after_events_append@1")
