@@ -3,7 +3,8 @@
 The default model (two random-effect types, per_member and per_item): a history of
 ``--history`` events over ``--entities`` members (and a tenth as many items), every one of
 them in it, read as one micro-batch, builds the live state on each engine; then
-``--batches`` micro-batches of ``--events`` events each over the same entities go through
+``--batches`` micro-batches of ``--events`` new events each (one generated stream: no id
+repeats the history's) over the same entities go through
 each engine's nearline job, the engines interleaved batch
 by batch. Per batch: wall time, the job's seconds per step (``seconds.*`` of its metrics row),
 the seconds spent in the table store by method, and the number of Spark jobs it ran (the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -93,12 +95,13 @@ def main() -> None:
     engines = args.engines.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-micro-batch-"))
     try:
-        # The history as one slice, so every member and item appears in it; then the small batches, a slice each,
-        # over the same entity ids.
-        history = stream_files(work / "history", args.entities, args.history, 1, "2026-11-01T00:00:00Z")
-        small = stream_files(
-            work / "small", args.entities, args.events * (args.batches + 1), args.batches + 1, "2026-11-01T01:00:00Z"
-        )
+        # One stream, so that every event id is new (a second stream of the same seed repeats the first one's ids,
+        # and every small batch would be quarantined as duplicates): the history's slices, read as one batch, put
+        # every member and item in the state; then the small batches, a slice each, over the same entities.
+        history_slices = math.ceil(args.history / args.events)
+        slices = history_slices + args.batches + 1
+        files = stream_files(work / "stream", args.entities, args.events * slices, slices, "2026-11-01T00:00:00Z")
+        history, small = files[:history_slices], files[history_slices:]
         configs = {engine: engine_config(work / engine, engine) for engine in engines}
         spark = spark_session(configs[engines[0]].spark)
         updaters = {engine: NearlineUpdater(config) for engine, config in configs.items()}
@@ -122,6 +125,7 @@ def main() -> None:
                 "median_batch": median,
                 "end_to_end_seconds_all_batches": [round(run["end_to_end_seconds"], 3) for run in measured],
                 "spark_jobs_all_batches": [run["spark_jobs"] for run in measured],
+                "rows_valid_all_batches": [run["rows_valid"] for run in measured],
             }
         if {"delta-rs", "spark-delta"} <= set(engines):
             report["ratio_spark_delta_over_delta_rs"] = (
