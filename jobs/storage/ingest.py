@@ -8,7 +8,7 @@ row, ``unreadable_file:<path>: <the reader's error>``, its path and size the pay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import DataFrame
@@ -76,7 +76,7 @@ def ingest_batch(
         rejected = rejected.unionByName(_unreadable_rows(store, unreadable, batch_id))
     store.append("quarantine", rejected, guard=guard)
     facts = {ROWS: totals.valid, FIRST_EVENT: _millis(totals.first), LAST_EVENT: _millis(totals.last)}
-    store.append("events", parsed.valid, guard=Guard(guard.app_id, guard.version, {**guard.facts, **facts}))
+    store.append("events", parsed.valid, guard=replace(guard, facts={**guard.facts, **facts}, claim=False))
     crash_point("nearline:after_events_append", batch_id)
     quarantined = totals.all - totals.valid + len(unreadable)
     return Ingested(parsed.valid, totals.valid, quarantined, totals.first, totals.last, len(unreadable))

@@ -75,6 +75,9 @@ class Guard:
     facts: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
     # The batch's first write, which takes its number: checked at commit against a second writer.
     claim: bool = dataclasses.field(default=False, compare=False)
+    # A number just handed out, never written: no table can hold it but through a second writer, and the batch's
+    # claim (its first write) refuses that one. The batch's other writes need not read the tables' guards first.
+    fresh: bool = dataclasses.field(default=False, compare=False)
 
     def user_metadata(self) -> str:
         """The commit's userMetadata: the guard and its facts as JSON."""
@@ -258,9 +261,10 @@ class TableStore(ABC):
     def applied(self, name: str, guard: Guard | None) -> bool:
         """Whether the table already holds the write ``guard`` stands for.
 
-        Raises ConcurrentWriterError if it holds the guard's number from another stream batch.
+        Raises ConcurrentWriterError if it holds the guard's number from another stream batch. A fresh guard's
+        write is not yet held (the claim, checked, is where a second writer of its number shows).
         """
-        if guard is None:
+        if guard is None or (guard.fresh and not guard.claim):
             return False
         recorded = self.transaction_version(name, guard.app_id)
         if recorded is None or recorded < guard.version:

@@ -42,11 +42,13 @@ class BatchTicket:
     ingested: datetime
     # A half-written batch of a stream whose checkpoint is lost, which this batch's job finishes first.
     unfinished: BatchTicket | None = None
+    # A number just handed out (not a batch begun before a restart or a retry): see ``Guard.fresh``.
+    fresh: bool = False
 
     def guard(self, app_id: str, **facts: object) -> Guard:
         """The guard of one of this batch's writes: the sequence number as version, the batch's identity as facts."""
         identity = {"stream": self.stream_id, "stream_batch": self.stream_batch_id, "ingested": self.ingested_ms}
-        return Guard(app_id, self.sequence, {**identity, **facts})
+        return Guard(app_id, self.sequence, {**identity, **facts}, fresh=self.fresh)
 
     def claim(self, app_id: str, **facts: object) -> Guard:
         """The guard of the batch's first write, to its ledger table: it takes the number, checked at commit against
@@ -94,9 +96,9 @@ class BatchSequence:
     def ticket(self, store: TableStore, stream_batch_id: int) -> BatchTicket:
         previous = self._previous
         if previous is not None and stream_batch_id == previous.stream_batch_id + 1:
-            ticket = BatchTicket(previous.stream_id, stream_batch_id, previous.sequence + 1, _now())
+            ticket = BatchTicket(previous.stream_id, stream_batch_id, previous.sequence + 1, _now(), fresh=True)
         elif previous is not None and stream_batch_id == previous.stream_batch_id:
-            ticket = previous
+            ticket = dataclasses.replace(previous, fresh=False)  # a retry: its writes may be half done
         else:
             ticket = self._look_up(store, stream_batch_id)
         self._previous = ticket
@@ -107,7 +109,7 @@ class BatchSequence:
         latest = store.last_guarded_commit(self.ledger, self.app_id)
         if latest is None:
             self._refuse_another_app_id(store)
-            return BatchTicket(stream_id, stream_batch_id, 0, _now())
+            return BatchTicket(stream_id, stream_batch_id, 0, _now(), fresh=True)
         recorded = BatchTicket.of(latest)
         if (recorded.stream_id, recorded.stream_batch_id) == (stream_id, stream_batch_id):
             LOG.info(
@@ -129,7 +131,9 @@ class BatchSequence:
                     stream_id,
                     self.lost_setting,
                 )
-                return BatchTicket(stream_id, stream_batch_id, recorded.sequence + 1, _now(), unfinished=recorded)
+                return BatchTicket(
+                    stream_id, stream_batch_id, recorded.sequence + 1, _now(), unfinished=recorded, fresh=True
+                )
             way_out = (
                 f"; if that checkpoint is lost, start this one with --set {self.lost_setting}={recorded.sequence}: "
                 "it finishes that batch from what the tables hold of it"
@@ -150,7 +154,7 @@ class BatchSequence:
             if own is not None and own.stream_batch_id == stream_batch_id:
                 return own  # finished before a restart; another stream wrote since
             LOG.info("stream %s continues the tables' sequence after stream %s", stream_id, recorded.stream_id)
-        return BatchTicket(stream_id, stream_batch_id, recorded.sequence + 1, _now())
+        return BatchTicket(stream_id, stream_batch_id, recorded.sequence + 1, _now(), fresh=True)
 
     def _refuse_another_app_id(self, store: TableStore) -> None:
         """A sequence begun under another app id is not begun again: its numbers would collide with the old ones."""

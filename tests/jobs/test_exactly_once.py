@@ -26,6 +26,7 @@ from jobs.nightly_retrain import run_nightly
 from jobs.runtime.errors import ConcurrentRunError, ConfigError, QueryFailedError, StateRestoredError
 from jobs.runtime.faults import CRASH_EXIT_CODE, PAUSE_VARIABLE
 from jobs.simulate.writers import deliver, generate
+from jobs.storage.delta_rs import DeltaRsStore
 from jobs.storage.lease import LEASES, TableLease
 from jobs.storage.store import open_store
 from tests.jobs.jobrun import ROOT, rows, run_job, run_side_by_side, same_rows, write_config
@@ -203,6 +204,33 @@ def test_a_repeated_event_id_in_a_later_batch_is_quarantined_with_the_batch_that
     assert all(row.reason == f"duplicate_event_id:batch {first_batch}" for row in quarantined)
     events = store.read("events")
     assert events.count() == events.select("event_id").distinct().count() == truth.events
+    assert learnt_once(store, config) == {}
+
+
+def test_a_batch_retried_in_its_own_process_after_a_failed_write_is_finished_not_written_twice(
+    spark, tmp_path, monkeypatch
+):
+    """A new batch's writes read no guards (its claim is the check); a retry of it may find them written."""
+    truth = generate(stream_spec(events=600, slices=2, seed=36), tmp_path / "stream")
+    first, second = sorted(truth.landing.glob("part-*"))
+    config = config_for(tmp_path)
+    updater = NearlineUpdater(config)
+    update_on_files(spark, updater, [first])
+
+    def storage_error(*args, **kwargs):
+        raise OSError("the state's merge failed (a storage error)")
+
+    # The second batch appends its events and metrics, then its state's merge fails; the caller retries it.
+    with monkeypatch.context() as failing:
+        failing.setattr(DeltaRsStore, "_merge", storage_error)
+        with pytest.raises(OSError, match="state's merge failed"):
+            update_on_files(spark, updater, [second], first_batch_id=1)
+    update_on_files(spark, updater, [second], first_batch_id=1)
+
+    store = open_store(spark, config.storage)
+    events = store.read("events")
+    assert events.count() == events.select("event_id").distinct().count() == truth.events
+    assert store.read("metrics").where("job = 'nearline'").count() == 2
     assert learnt_once(store, config) == {}
 
 
