@@ -135,7 +135,14 @@ class NearlineUpdater:
                 on_driver = on_the_driver(config, ingested.valid)
                 state = batch_state(store, config, ingested.events, materialised=not on_driver)
                 update = apply_events(
-                    ingested.events, state, config, fixed_effect, number, batch_id, on_driver=on_driver
+                    ingested.events,
+                    state,
+                    config,
+                    fixed_effect,
+                    number,
+                    batch_id,
+                    on_driver=on_driver,
+                    buckets=config.nearline.buckets_for(ingested.valid),
                 )
         values = {
             "rows_in": float(ingested.valid + ingested.quarantined),

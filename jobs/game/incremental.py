@@ -50,6 +50,7 @@ def apply_events(
     *,
     in_batches: bool = False,
     on_driver: bool = False,
+    buckets: int | None = None,
 ) -> Update:
     """Update each random-effect type in turn on ``events`` (events-table rows) from ``state`` (re_state rows).
 
@@ -57,8 +58,10 @@ def apply_events(
     plus each later type's score before any update. ``in_batches``: ``events`` span several micro-batches,
     applied per entity in batch order in one pass (a rebase's replay); ``batch_id`` is the last of them.
     ``on_driver``: the kernels run on the driver on the same groups (a small batch; the same result).
+    ``buckets``: the entity buckets of the kernels' calls (``NearlineConfig.buckets_for`` the batch's size), or
+    ``nearline.entity_buckets``.
     """
-    coordinates = Coordinates.of(config, config.nearline.buckets, ROW_CAP_SEED)
+    coordinates = Coordinates.of(config, buckets or config.nearline.buckets, ROW_CAP_SEED)
     random_effects = coordinates.random_effects
     keyed = events.withColumn("row_key", F.xxhash64("event_id", "batch_id"))
     scored = coordinates.fixed_effect.with_score(keyed, fixed_effect)

@@ -59,6 +59,14 @@ def test_a_whole_list_can_be_replaced(tmp_path):
     assert (only.name, only.entity_column, only.delta, only.penalty) == ("per_ad", "ad_id", 0.5, 1.0)
 
 
+def test_a_micro_batch_takes_the_buckets_its_size_calls_for_up_to_entity_buckets():
+    config = load_config(CONF_DIR / "local.yaml", ["nearline.entity_buckets=8", "nearline.rows_per_call=1000"])
+    sizes = [0, 1, 1000, 1001, 7999, 8000, 8001, 1_000_000]
+    assert [config.nearline.buckets_for(size) for size in sizes] == [1, 1, 1, 2, 8, 8, 8, 8]
+    per_entity = load_config(CONF_DIR / "local.yaml", ["nearline.one_entity_per_call=true"])
+    assert per_entity.nearline.buckets_for(1000) is None
+
+
 BAD = [
     ("nearline.bucketz=3", "config key 'nearline.bucketz' is not known; known keys under 'nearline': entity_buckets"),
     ("colour=blue", "config key 'colour' is not known; known keys at the top level: model, spark"),

@@ -303,14 +303,24 @@ def test_a_size_bound_makes_batches_of_at_most_that_many_bytes(spark, tmp_path):
 
 
 def test_a_small_batch_updated_on_the_driver_gives_the_executors_coefficients_bit_for_bit(spark, tmp_path):
-    """``nearline.driver_max_rows``: the same kernels on the same buckets, so the same doubles in the state."""
+    """``nearline.driver_max_rows``: the same kernels on the same buckets, so the same doubles in the state.
+
+    Batches of about 285 valid events with ``rows_per_call`` 100: three buckets of the four, on both paths.
+    """
     truth = generate(
         stream_spec(events=1200, slices=4, bad_event_rate=0.05, new_entity_rate=0.05, drift=0.2), tmp_path / "stream"
     )
     files = sorted(truth.landing.glob("part-*"))
     paths = {"driver": [], "executors": ["nearline.driver_max_rows=0"]}
     configs = {
-        path: stream_config(tmp_path / path, truth.landing, "nightly.holdout_hours=0", "nightly.passes=1", *extra)
+        path: stream_config(
+            tmp_path / path,
+            truth.landing,
+            "nightly.holdout_hours=0",
+            "nightly.passes=1",
+            "nearline.rows_per_call=100",
+            *extra,
+        )
         for path, extra in paths.items()
     }
     updaters = {path: NearlineUpdater(config) for path, config in configs.items()}
