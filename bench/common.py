@@ -207,3 +207,36 @@ class StoreProfile:
         """Seconds and calls by method, the costliest first."""
         order = sorted(self.seconds, key=self.seconds.get, reverse=True)
         return {name: {"seconds": round(self.seconds[name], 3), "calls": self.calls[name]} for name in order}
+
+
+class JvmCalls:
+    """Commands this process sent to the JVM through py4j while active (every thread), and their seconds.
+
+    Each is a round trip: building a plan column by column, reading a setting, starting a job. The count
+    does not depend on the machine's speed, so it compares variants where seconds are noisy.
+    """
+
+    def __enter__(self) -> JvmCalls:
+        from py4j.clientserver import ClientServerConnection
+
+        self.calls, self.seconds = 0, 0.0
+        self._lock = threading.Lock()
+        self._original = ClientServerConnection.send_command
+        original, counter = self._original, self
+
+        def counted(connection, command, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(connection, command, *args, **kwargs)
+            finally:
+                with counter._lock:
+                    counter.calls += 1
+                    counter.seconds += time.perf_counter() - started
+
+        ClientServerConnection.send_command = counted
+        return self
+
+    def __exit__(self, *_) -> None:
+        from py4j.clientserver import ClientServerConnection
+
+        ClientServerConnection.send_command = self._original

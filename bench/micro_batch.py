@@ -7,8 +7,9 @@ them in it, read as one micro-batch, builds the live state on each engine; then
 repeats the history's) over the same entities go through
 each engine's nearline job, the engines interleaved batch
 by batch. Per batch: wall time, the job's seconds per step (``seconds.*`` of its metrics row),
-the seconds spent in the table store by method, and the number of Spark jobs it ran (the
-status tracker's job ids of the batch's job group). The first small batch of each engine
+the seconds spent in the table store by method, the number of Spark jobs it ran (the
+status tracker's job ids of the batch's job group) and the commands it sent to the JVM (py4j
+round trips; with the jobs, counts that do not depend on the machine's speed). The first small batch of each engine
 runs once before the timed ones (the first pandas UDF of a process starts the workers).
 
     python bench/micro_batch.py [--events 1000 --batches 5 --entities 20000 --history 100000]
@@ -26,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ENGINES, ROOT, Stopwatch, StoreProfile, emit, step_seconds
+from common import ENGINES, ROOT, JvmCalls, Stopwatch, StoreProfile, emit, step_seconds
 
 from jobs.nearline_update import LAST_WRITE, NearlineUpdater
 from jobs.runtime.config import load_config
@@ -69,13 +70,15 @@ def run_batch(spark, updater: NearlineUpdater, files: list[Path], batch_id: int,
     """One micro-batch of ``files`` through ``updater``: its figures, its store seconds and its Spark jobs."""
     group = f"bench-{label}-{batch_id}"
     spark.sparkContext.setJobGroup(group, group)
-    with StoreProfile() as profile, Stopwatch() as watch:
+    with StoreProfile() as profile, JvmCalls() as jvm, Stopwatch() as watch:
         values = updater.process(spark.read.text([str(path) for path in files]), batch_id)
     spark.sparkContext.setJobGroup("bench-idle", "bench-idle")
     return {
         "end_to_end_seconds": watch.seconds,
         "step_seconds": step_seconds(values),
         "spark_jobs": spark_jobs(spark, group),
+        "jvm_calls": jvm.calls,
+        "jvm_call_seconds": round(jvm.seconds, 3),
         "store_seconds": profile.summary(),
         "rows_valid": values.get("rows_valid"),
     }
@@ -125,6 +128,7 @@ def main() -> None:
                 "median_batch": median,
                 "end_to_end_seconds_all_batches": [round(run["end_to_end_seconds"], 3) for run in measured],
                 "spark_jobs_all_batches": [run["spark_jobs"] for run in measured],
+                "jvm_calls_all_batches": [run["jvm_calls"] for run in measured],
                 "rows_valid_all_batches": [run["rows_valid"] for run in measured],
             }
         if {"delta-rs", "spark-delta"} <= set(engines):

@@ -8,10 +8,13 @@ typed columns (parquet files, a Delta table).
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, MapType, StringType, StructField, StructType, TimestampType
 
@@ -20,6 +23,10 @@ from jobs.storage.schemas import FEATURES, bag_column, events_schema, feature_ba
 
 CORRUPT = "_corrupt_record"
 TEXT_COLUMN = "value"
+# The batch's bounds on event times, as columns while its events are classified.
+LATEST, EARLIEST = "_latest_event_time", "_earliest_event_time"
+# Columns built once per Spark context or Connect session (see ``_cached``); gone with it.
+_BUILT: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,16 @@ def classify_events(raw: DataFrame, model: ModelConfig, rules: EventsConfig, ing
     """Every raw event with its parsed fields and ``reason`` (null when valid), materialised: parsing, done once."""
     text = raw.columns == [TEXT_COLUMN]
     candidates = _from_text(raw, model) if text else _from_columns(raw, model)
-    candidates = candidates.withColumn("reason", _reason(model, rules, ingested)).localCheckpoint(eager=True)
+    latest = ingested + timedelta(minutes=rules.max_future_minutes)
+    earliest = ingested - timedelta(days=rules.max_age_days)
+    bounds = {
+        LATEST: F.lit(latest),
+        EARLIEST: F.lit(earliest),
+        f"{LATEST}_text": F.lit(latest.isoformat()),
+        f"{EARLIEST}_text": F.lit(earliest.isoformat()),
+    }
+    reason = _cached(raw.sparkSession, ("reason", model, rules), lambda: _reason(model, rules))
+    candidates = candidates.withColumns(bounds).withColumn("reason", reason).drop(*bounds).localCheckpoint(eager=True)
     valid = candidates.where(F.col("reason").isNull())
     counts = valid.agg(
         F.count("*").alias("events"),
@@ -107,8 +123,13 @@ def split_events(candidates: DataFrame, model: ModelConfig, batch_id: int) -> Pa
         "ingested_at": now,
         "event_date": F.to_date("event_time"),
     }
+    columns = _cached(
+        candidates.sparkSession,
+        ("valid", model),
+        lambda: {field.name: _valid_column(field.name, model).alias(field.name) for field in events_schema(model)},
+    )
     valid = candidates.where(F.col("reason").isNull()).select(
-        *[stored.get(field.name, _valid_column(field.name, model)).alias(field.name) for field in events_schema(model)]
+        *[stored[name].alias(name) if name in stored else column for name, column in columns.items()]
     )
     # Typed input becomes JSON text only for the rows that need it: the rejected ones.
     payload = F.col("_payload") if "_payload" in candidates.columns else F.to_json(F.col("_raw"))
@@ -158,17 +179,30 @@ def _from_columns(raw: DataFrame, model: ModelConfig) -> DataFrame:
     )
 
 
-def _reason(model: ModelConfig, bounds: EventsConfig, ingested: datetime) -> Column:
-    """The first rule of docs/events.md the event breaks, or null."""
-    latest = ingested + timedelta(minutes=bounds.max_future_minutes)
-    earliest = ingested - timedelta(days=bounds.max_age_days)
+def _cached(spark: SparkSession, key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, once per Spark and key: a batch's parsing rules are a few hundred columns, each built
+    through a call into the JVM (about 0.5 s a batch), and they depend on the configuration alone."""
+    # Classic Spark: its context, which every session object of the JVM shares (foreachBatch wraps each batch's
+    # session in a new one); Spark Connect has none.
+    owner = getattr(spark, "_sc", None) or spark
+    built = _BUILT.setdefault(owner, {})
+    if key not in built:
+        built[key] = build()
+    return built[key]
+
+
+def _reason(model: ModelConfig, bounds: EventsConfig) -> Column:
+    """The first rule of docs/events.md the event breaks, or null.
+
+    The batch's time bounds are the columns ``LATEST`` and ``EARLIEST`` (and their ISO texts, ``_text``).
+    """
     time = F.col("event_time")
-    rules: list[tuple[Column, str]] = [
+    rules: list[tuple[Column, str | Column]] = [
         (F.col("malformed"), "malformed_payload"),
         (_blank(F.col("event_id")), "missing_event_id"),
         (time.isNull(), "bad_event_time"),
-        (time > F.lit(latest), f"bad_event_time:after {latest.isoformat()}"),
-        (time < F.lit(earliest), f"bad_event_time:before {earliest.isoformat()}"),
+        (time > F.col(LATEST), F.concat(F.lit("bad_event_time:after "), F.col(f"{LATEST}_text"))),
+        (time < F.col(EARLIEST), F.concat(F.lit("bad_event_time:before "), F.col(f"{EARLIEST}_text"))),
         (F.col("label").isNull(), "missing_label"),
         (~_label_in_domain(model), "label_out_of_domain"),
         (F.col("weight").isNotNull() & (~_finite(F.col("weight")) | (F.col("weight") < 0)), "bad_weight"),
@@ -205,7 +239,8 @@ def _reason(model: ModelConfig, bounds: EventsConfig, ingested: datetime) -> Col
     rules += too_many
     reason = F.lit(None).cast("string")
     for broken, name in reversed(rules):
-        reason = F.when(F.coalesce(broken, F.lit(True)), F.lit(name)).otherwise(reason)
+        text = F.lit(name) if isinstance(name, str) else name
+        reason = F.when(F.coalesce(broken, F.lit(True)), text).otherwise(reason)
     return reason
 
 

@@ -88,6 +88,21 @@ def test_a_mixed_batch_splits_into_exactly_the_good_and_the_bad(spark, model):
     assert {row.batch_id for row in parsed.rejected.collect()} == {0}
 
 
+def test_each_batch_is_judged_by_its_own_ingestion_time_and_number(spark, model):
+    """The rules are built once per Spark (a batch's bounds and number are its own columns): two batches differ."""
+    line = json.dumps(event(event_time="2026-11-02T12:00:00Z"))
+    late = parse_events(lines_frame(spark, [line]), model, 3, RULES, INGESTED)
+    (rejected,) = late.rejected.collect()
+    assert (rejected.batch_id, rejected.reason) == (3, "bad_event_time:after 2026-11-02T01:00:00+00:00")
+    later = datetime(2026, 11, 2, 12, tzinfo=UTC)
+    (valid,) = parse_events(lines_frame(spark, [line]), model, 4, RULES, later).valid.collect()
+    assert valid.batch_id == 4
+    (rejected,) = parse_events(
+        lines_frame(spark, [line]), model, 5, RULES, datetime(2027, 12, 1, tzinfo=UTC)
+    ).rejected.collect()
+    assert (rejected.batch_id, rejected.reason) == (5, "bad_event_time:before 2026-12-01T00:00:00+00:00")
+
+
 def test_valid_events_round_trip(spark, model):
     parsed = parse_events(lines_frame(spark, [json.dumps(event(label=-1, weight=...))]), model, 12, RULES, INGESTED)
     (row,) = parsed.valid.collect()
