@@ -181,10 +181,11 @@ class CholeskyFactor(Factor):
 
     @classmethod
     def of(cls, matrices: np.ndarray) -> CholeskyFactor:
-        lower = _cholesky_stack(matrices)
-        inverse_diagonal = 1.0 / np.einsum("edd->ed", lower)
-        lower *= inverse_diagonal[:, None, :]
-        return cls(np.ascontiguousarray(lower.transpose(1, 2, 0)), (inverse_diagonal * inverse_diagonal).T)
+        # Entity-last first, then scaled to unit diagonal: scaling the contiguous copy is the cheaper order.
+        unit = np.ascontiguousarray(_cholesky_stack(matrices).transpose(1, 2, 0))
+        inverse_diagonal = 1.0 / np.einsum("iie->ie", unit)
+        unit *= inverse_diagonal
+        return cls(unit, inverse_diagonal * inverse_diagonal)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         unit, solution = self.unit, np.array(rhs.T, dtype=np.float64, order="C")
@@ -419,6 +420,9 @@ class _WorkingSet:
         second: np.ndarray,
     ) -> None:
         """Move the accepted entities to their candidate point (in place: no gathered copies)."""
+        if accepted.all():  # the usual case: the candidate arrays are fresh, so take them as they are
+            self.theta, self.margins, self.values, self.first, self.second = theta, margins, values, first, second
+            return
         rows = accepted[:, None]
         np.copyto(self.theta, theta, where=rows)
         np.copyto(self.margins, margins, where=rows)
