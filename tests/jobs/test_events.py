@@ -89,7 +89,8 @@ def test_a_mixed_batch_splits_into_exactly_the_good_and_the_bad(spark, model):
 
 
 def test_each_batch_is_judged_by_its_own_ingestion_time_and_number(spark, model):
-    """The rules are built once per Spark (a batch's bounds and number are its own columns): two batches differ."""
+    """The rules are built once per Spark (a batch's bounds and number are its own columns): three batches of one
+    session, three ingestion times, three outcomes (too late, valid, too old)."""
     line = json.dumps(event(event_time="2026-11-02T12:00:00Z"))
     late = parse_events(lines_frame(spark, [line]), model, 3, RULES, INGESTED)
     (rejected,) = late.rejected.collect()
